@@ -1,0 +1,135 @@
+"""Session set-up shared by the harness's own tests (tests/) and the suites (suites/).
+
+Options: ``--backend`` (env PLATFORM_BACKEND; default standalone), ``--platform-dir``
+(another copy of platform/ to test), ``--keep`` (leave the run directory in place),
+``--artifacts`` (where failure artifacts go). On a failed test the backend dumps
+configs and logs into ``<artifacts>/<test id>/`` and the report says where.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from fixtures.platform import MissingCapability  # noqa: E402
+
+BACKENDS = {
+    "standalone": "fixtures.standalone.backend:StandalonePlatform",
+    "kind": None,  # needs Docker: see README, "Where each backend runs"
+    "eks": None,   # needs an EKS kube context and AWS credentials
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("platform")
+    group.addoption("--backend", default=os.environ.get("PLATFORM_BACKEND", "standalone"),
+                    choices=sorted(BACKENDS), help="which backend runs the platform (env PLATFORM_BACKEND)")
+    group.addoption("--platform-dir", default=str(REPO / "platform"), type=Path,
+                    help="the copy of platform/ to stand up and test")
+    group.addoption("--keep", action="store_true", default=False,
+                    help="keep the run directory (configs, logs, certificates) after the run")
+    group.addoption("--artifacts", default=str(REPO / "artifacts"), type=Path,
+                    help="where failed tests' artifacts are written")
+
+
+def _load(spec: str):
+    module, _, attr = spec.partition(":")
+    __import__(module)
+    return getattr(sys.modules[module], attr)
+
+
+@pytest.fixture(scope="session")
+def platform(request: pytest.FixtureRequest):
+    """The platform, up and healthy, on the chosen backend. Stopped (every process,
+    port and temp dir) at the end of the session, even after failures."""
+    backend = request.config.getoption("--backend")
+    spec = BACKENDS[backend]
+    if spec is None:
+        raise pytest.UsageError(f"--backend={backend}: this backend is not available in this build; "
+                                "see README, 'Where each backend runs'")
+    cls = _load(spec)
+    plat = cls(Path(request.config.getoption("--platform-dir")), keep=request.config.getoption("--keep"))
+    request.config._platform = plat  # for the artifact hook
+    try:
+        plat.start()
+    except BaseException:
+        request.config._platform = None
+        raise
+    try:
+        yield plat
+    finally:
+        request.config._platform = None
+        plat.close()
+        request.config._platform_timings = {k: round(v, 2) for k, v in plat.timings.items()}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``tenant`` and ``tenant_pair`` parameters come from the tenant catalog of the
+    platform under test, so a tenant added by configuration grows every matrix."""
+    wanted = {"tenant", "tenant_pair", "cross_tenant_pair"} & set(metafunc.fixturenames)
+    if not wanted:
+        return
+    from fixtures.catalog import tenants
+
+    catalog = tenants(str(Path(metafunc.config.getoption("--platform-dir")).resolve()))
+    if "tenant" in wanted:
+        metafunc.parametrize("tenant", catalog, ids=str)
+    if "tenant_pair" in wanted:
+        pairs = [(a, b) for a in catalog for b in catalog]
+        metafunc.parametrize("tenant_pair", pairs, ids=[f"{a}->{b}" for a, b in pairs])
+    if "cross_tenant_pair" in wanted:
+        pairs = [(a, b) for a in catalog for b in catalog if a != b]
+        metafunc.parametrize("cross_tenant_pair", pairs, ids=[f"{a}->{b}" for a, b in pairs])
+
+
+@pytest.fixture
+def requires(platform):
+    """``requires("capability")`` skips the test with a reason naming what is missing."""
+    def check(capability: str) -> None:
+        try:
+            platform.requires(capability)
+        except MissingCapability as exc:
+            pytest.skip(str(exc))
+    return check
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    plat = getattr(item.config, "_platform", None)
+    if report.failed and plat is not None and report.when in ("call", "setup"):
+        dest = Path(item.config.getoption("--artifacts")) / re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)
+        try:
+            plat.dump(dest)
+            report.sections.append(("artifacts", f"configs and logs of the platform: {dest}"))
+        except Exception as exc:  # never hide the test's own failure behind a dump failure
+            report.sections.append(("artifacts", f"dump failed: {exc!r}"))
+    if report.skipped and "suites" in Path(str(item.fspath)).parts and item.config.getoption("--backend") == "standalone":
+        item.config._suite_skips = getattr(item.config, "_suite_skips", []) + [
+            (item.nodeid, str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr))]
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A suite that must run on standalone may not skip there: that is a failure."""
+    skips = getattr(session.config, "_suite_skips", [])
+    if skips and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    skips = getattr(config, "_suite_skips", [])
+    if skips:
+        terminalreporter.section("suites skipped on standalone (counted as failures)", red=True)
+        for nodeid, reason in skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
+    plat_timings = getattr(config, "_platform_timings", None)
+    if plat_timings:
+        terminalreporter.line(f"platform timings: {plat_timings}")
