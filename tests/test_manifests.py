@@ -224,7 +224,11 @@ SETTINGS = [
     Setting("kind", "Service", GATEWAY, at("spec.type"), "NodePort"),
     Setting("kind", "Service", GATEWAY, at("spec.ports.0.port"), 443),
     Setting("kind", "Service", GATEWAY, at("spec.ports.0.nodePort"), 30443),
-    Setting("kind", "Deployment", "*/*", at("spec.replicas"), 1),
+    Setting("kind", "Deployment", GATEWAY, at("spec.replicas"), 1),
+    Setting("kind", "Deployment", "istio-ingress/reverse-proxy", at("spec.replicas"), 1),
+    # Flagger owns the canary target's replica count; no manifest may set it.
+    Setting("kind", "Deployment", "*/rag-api", at("spec.replicas"), None),
+    Setting("eks", "Deployment", "*/rag-api", at("spec.replicas"), None),
     Setting("eks", "Canary", "*/rag-api", at("spec.analysis.interval"), "1m"),
     Setting("eks", "Canary", "*/rag-api", at("spec.analysis.metrics.0.interval"), "1m"),
     Setting("eks", "Canary", "*/rag-api", at("spec.analysis.metrics.1.interval"), "1m"),

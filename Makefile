@@ -1,0 +1,50 @@
+# The front door. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PLATFORM_DIR ?= platform
+BACKEND ?= standalone
+REPORTS ?= reports
+# Verbose output and kept artifacts under CI.
+PYTEST_FLAGS ?= $(if $(CI),-v -rA,-q)
+
+.PHONY: help setup system-deps test conformance bench new-tenant clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@touch $@
+
+system-deps: ## Debian packages the standalone backend needs (Prometheus)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "prometheus missing: run 'sudo make system-deps'" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+setup: $(STAMP) system-deps ## virtualenv with pinned packages, and Prometheus
+
+test: setup ## the harness's own tests and every suite, on the standalone backend
+	@mkdir -p $(REPORTS)
+	$(PY) -m pytest tests suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
+	  --junitxml=$(REPORTS)/junit-test.xml
+
+conformance: setup ## every suite against BACKEND (default standalone); JUnit XML in reports/
+	@mkdir -p $(REPORTS)
+	$(PY) -m pytest suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
+	  --junitxml=$(REPORTS)/junit-conformance.xml
+
+bench: setup ## platform up/down time; /whoami rps and p50/p99, full path vs direct
+	$(PY) -m fixtures.bench --platform-dir=$(PLATFORM_DIR)
+
+new-tenant: ## add a tenant by configuration: make new-tenant NAME=tenantc
+	@test -n "$(NAME)" || { echo "usage: make new-tenant NAME=<tenant>" >&2; exit 2; }
+	$(PY) platform/tools/new_tenant.py $(NAME) --platform-dir $(PLATFORM_DIR)
+
+clean: ## remove reports and failure artifacts (not the virtualenv)
+	rm -rf $(REPORTS) artifacts .pytest_cache
