@@ -1,0 +1,143 @@
+"""A deliberately broken copy of the platform either changes behaviour or fails with a
+clear error; it is never silently run as if it were intact.
+
+* Deleting tenanta's AuthorizationPolicy (the namespace-wide ALLOW rule) opens tenanta's
+  rag-api to calls with no token, while tenantb, untouched, still refuses them.
+* A field the standalone backend does not implement makes a suite run with
+  ``--platform-dir`` fail, naming the resource and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fixtures.manifests import render
+from fixtures.platform import Outcome, user_headers
+from fixtures.standalone.backend import StandalonePlatform
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM = REPO / "platform"
+TENANTA_KUSTOMIZATION = "tenants/tenanta/kustomization.yaml"
+
+# The tenant component's replacements run before this kustomization's own patches, so
+# the policy is matched under its final namespace, not the base's placeholder TENANT.
+DELETE_TENANTA_POLICY = """patches:
+  - patch: |-
+      $patch: delete
+      apiVersion: security.istio.io/v1
+      kind: AuthorizationPolicy
+      metadata:
+        name: tenant-isolation
+        namespace: tenanta
+"""
+
+UNKNOWN_FIELD = """patches:
+  - target: {kind: AuthorizationPolicy, name: tenant-isolation}
+    patch: |-
+      - op: add
+        path: /spec/rules/0/from/1/source/ipBlocks
+        value: ["10.0.0.0/8"]
+"""
+
+
+def copy_platform(tmp_path: Path) -> Path:
+    """A throwaway copy of platform/ to break; tmp_path is removed by pytest."""
+    dest = tmp_path / "platform"
+    shutil.copytree(PLATFORM, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def append(copy: Path, rel: str, text: str) -> None:
+    path = copy / rel
+    assert "patches:" not in path.read_text(), f"{rel} has patches already; the platform changed"
+    path.write_text(path.read_text() + text)
+
+
+def isolation_policies(platform_dir: Path) -> set[str]:
+    return {d["metadata"]["namespace"] for d in render(platform_dir, "standalone")
+            if d["kind"] == "AuthorizationPolicy" and d["metadata"]["name"] == "tenant-isolation"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mutate: Callable[[Path], None] | None
+    policies: frozenset[str]  # namespaces whose tenant-isolation policy the render holds
+    tokenless: Outcome        # tenanta app-ui -> tenanta rag-api with no token
+
+    def __str__(self) -> str:
+        return f"{self.name}: a call without token to tenanta's rag-api is {self.tokenless}"
+
+
+VARIANTS = [
+    Variant("the platform as it is", None, frozenset({"tenanta", "tenantb"}), Outcome.RBAC_403),
+    Variant("a copy without tenanta's AuthorizationPolicy",
+            lambda copy: append(copy, TENANTA_KUSTOMIZATION, DELETE_TENANTA_POLICY),
+            frozenset({"tenantb"}), Outcome.OK),
+]
+
+
+def _target(namespace: str) -> str:
+    return f"rag-api.{namespace}.svc.cluster.local:8080"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_deleting_the_authorization_policy_changes_behaviour(variant: Variant, tmp_path: Path) -> None:
+    platform_dir = PLATFORM
+    if variant.mutate is not None:
+        platform_dir = copy_platform(tmp_path)
+        variant.mutate(platform_dir)
+    assert isolation_policies(platform_dir) == variant.policies
+
+    plat = StandalonePlatform(platform_dir)
+    try:
+        plat.start()
+        for tenant in plat.tenants:
+            caller = plat.workload(tenant, "app-ui")
+            token = plat.idp(tenant).token()
+            # Positive control: a signed-in user of the tenant gets through either way.
+            caller.call(_target(tenant.namespace), "/whoami", headers=user_headers(tenant, token)).expect(Outcome.OK)
+            expected = variant.tokenless if tenant.name == "tenanta" else Outcome.RBAC_403
+            res = caller.call(_target(tenant.namespace), "/whoami").expect(expected)
+            if expected is Outcome.OK:  # let in with no verified identity at all
+                assert res.json()["claims"] is None, res.describe()
+        pids = [p.pid for p in plat.supervisor.processes.values() if p.pid]
+    finally:
+        plat.close()
+    assert not [pid for pid in pids if _alive(pid)], "close() left processes of the platform running"
+    assert not plat.run_dir.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_suite_run_against_an_unknown_field_fails_naming_it(tmp_path: Path) -> None:
+    copy = copy_platform(tmp_path)
+    append(copy, TENANTA_KUSTOMIZATION, UNKNOWN_FIELD)
+    scratch = tmp_path / "tmp"  # the run's temp root, to see what it leaves behind
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PLATFORM_BACKEND": "standalone"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "suites/ingress", "-q", "--platform-dir", str(copy), "-p", "no:cacheprovider"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 5), f"exit {proc.returncode}:\n{output[-4000:]}"  # 5: nothing collected
+    assert "UnsupportedField" in output, output[-4000:]
+    assert "AuthorizationPolicy tenanta/tenant-isolation" in output, output[-4000:]
+    assert "spec.rules[0].from[1].source.ipBlocks" in output, output[-4000:]
+    assert not list(scratch.glob("tenant-mesh-*")), "the failed run left its run directory behind"
