@@ -48,3 +48,53 @@ new-tenant: ## add a tenant by configuration: make new-tenant NAME=tenantc
 
 clean: ## remove reports and failure artifacts (not the virtualenv)
 	rm -rf $(REPORTS) artifacts .pytest_cache
+
+# --- cluster backends (kind, eks) and the Istio gate ----------------------------------
+KIND_CLUSTER ?= tenant-mesh
+CONTEXT ?=
+ISTIO_VERSION ?=
+DRY_RUN ?=
+KEEP ?=
+DESTRUCTIVE ?=
+# One test's timeout must cover bringing the platform up (the session fixture) on a cluster.
+CLUSTER_TIMEOUT ?= 3600
+
+.PHONY: cluster-tools test-local test-eks istio-gate
+
+cluster-tools: $(STAMP) ## download the pinned kind, kubectl, istioctl, cert-manager, Prometheus Operator, Flagger (needs internet)
+	$(PY) -m fixtures.cluster tools install
+
+test-local: $(STAMP) ## every suite on a kind cluster (needs Docker, `make cluster-tools`); DRY_RUN=1 prints the plan; KEEP=1 keeps the cluster
+	@mkdir -p $(REPORTS)
+	@if [ -n "$(DRY_RUN)" ]; then \
+	  $(PY) -m fixtures.cluster plan kind --platform-dir=$(PLATFORM_DIR) --kind-cluster=$(KIND_CLUSTER) $(if $(KEEP),--keep); \
+	else \
+	  $(PY) -m pytest suites $(PYTEST_FLAGS) --backend=kind --kind-cluster=$(KIND_CLUSTER) \
+	    --platform-dir=$(PLATFORM_DIR) --timeout=$(CLUSTER_TIMEOUT) $(if $(KEEP),--keep) \
+	    --junitxml=$(REPORTS)/junit-kind.xml; \
+	fi
+
+test-eks: $(STAMP) ## every suite against the EKS cluster of CONTEXT (default: current context); DRY_RUN=1 prints the plan
+	@mkdir -p $(REPORTS)
+	@if [ -n "$(DRY_RUN)" ]; then \
+	  $(PY) -m fixtures.cluster plan eks --platform-dir=$(PLATFORM_DIR) $(if $(CONTEXT),--context=$(CONTEXT)); \
+	else \
+	  $(PY) -m pytest suites $(PYTEST_FLAGS) --backend=eks $(if $(CONTEXT),--context=$(CONTEXT)) \
+	    $(if $(DESTRUCTIVE),--destructive) --platform-dir=$(PLATFORM_DIR) --timeout=$(CLUSTER_TIMEOUT) \
+	    --junitxml=$(REPORTS)/junit-eks.xml; \
+	fi
+
+istio-gate: setup ## Istio pre-upgrade gate: ISTIO_VERSION=1.29 [BACKEND=kind|eks]; DRY_RUN=1 prints the cluster plan
+	@test -n "$(ISTIO_VERSION)" || { echo "usage: make istio-gate ISTIO_VERSION=1.29 [BACKEND=kind]" >&2; exit 2; }
+	@case "$(BACKEND)" in \
+	  kind) if [ -n "$(DRY_RUN)" ]; then \
+	          $(PY) -m fixtures.cluster plan gate --istio-version=$(ISTIO_VERSION) --platform-dir=$(PLATFORM_DIR) \
+	            --kind-cluster=$(KIND_CLUSTER); \
+	        else \
+	          $(PY) -m fixtures.cluster gate --backend=kind --istio-version=$(ISTIO_VERSION) \
+	            --platform-dir=$(PLATFORM_DIR) --kind-cluster=$(KIND_CLUSTER) $(if $(KEEP),--keep); \
+	        fi ;; \
+	  eks) $(PY) -m fixtures.cluster gate --backend=eks --istio-version=$(ISTIO_VERSION) \
+	         --platform-dir=$(PLATFORM_DIR) $(if $(CONTEXT),--context=$(CONTEXT)) $(if $(DESTRUCTIVE),--destructive) ;; \
+	  *) $(PY) -m fixtures.istio_gate --istio $(ISTIO_VERSION) --platform-dir $(PLATFORM_DIR) ;; \
+	esac

@@ -2,7 +2,9 @@
 
 Options: ``--backend`` (env PLATFORM_BACKEND; default standalone), ``--platform-dir``
 (another copy of platform/ to test), ``--keep`` (leave the run directory in place),
-``--artifacts`` (where failure artifacts go). On a failed test the backend dumps
+``--artifacts`` (where failure artifacts go). Cluster options (``--context``,
+``--destructive``, ``--kind-cluster``, ``--cluster-attach``, ``--eks-users``):
+fixtures/cluster/pytest_plugin.py. On a failed test the backend dumps
 configs and logs into ``<artifacts>/<test id>/`` and the report says where.
 """
 
@@ -20,10 +22,12 @@ sys.path.insert(0, str(REPO))
 
 from fixtures.platform import MissingCapability  # noqa: E402
 
+pytest_plugins = ["fixtures.cluster.pytest_plugin"]
+
 BACKENDS = {
     "standalone": "fixtures.standalone.backend:StandalonePlatform",
-    "kind": None,  # needs Docker: see README, "Where each backend runs"
-    "eks": None,   # needs an EKS kube context and AWS credentials
+    "kind": "fixtures.kind.backend:KindPlatform",  # needs Docker and `make cluster-tools`
+    "eks": "fixtures.eks.backend:EksPlatform",  # an existing EKS cluster from the kube context
 }
 
 
@@ -49,13 +53,10 @@ def _load(spec: str):
 def platform(request: pytest.FixtureRequest):
     """The platform, up and healthy, on the chosen backend. Stopped (every process,
     port and temp dir) at the end of the session, even after failures."""
-    backend = request.config.getoption("--backend")
-    spec = BACKENDS[backend]
-    if spec is None:
-        raise pytest.UsageError(f"--backend={backend}: this backend is not available in this build; "
-                                "see README, 'Where each backend runs'")
-    cls = _load(spec)
-    plat = cls(Path(request.config.getoption("--platform-dir")), keep=request.config.getoption("--keep"))
+    cls = _load(BACKENDS[request.config.getoption("--backend")])
+    from_pytest = getattr(cls, "from_pytest", None)  # cluster backends read their own options
+    plat = (from_pytest(request.config) if from_pytest is not None
+            else cls(Path(request.config.getoption("--platform-dir")), keep=request.config.getoption("--keep")))
     request.config._platform = plat  # for the artifact hook
     try:
         plat.start()

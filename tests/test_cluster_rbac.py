@@ -1,0 +1,209 @@
+"""The suite's RBAC for a shared cluster (platform/suite-rbac): valid against the
+Kubernetes schemas, least privilege by construction, covering every tenant, and enough
+for every command the eks backend issues (checked by evaluating the rules against the
+eks plan), but no more than the plan needs in the places it matters."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fixtures.cluster.commands import Background, Command, Poll
+from fixtures.cluster.plan import eks_plan
+from fixtures.manifests import kubectl, load_documents, tenant_folders
+from fixtures.schemas import ISTIO_VERSIONS, validate
+
+PLATFORM = Path(__file__).resolve().parents[1] / "platform"
+RBAC = PLATFORM / "suite-rbac"
+SUITE_SA = ("ServiceAccount", "platform-suite", "platform-suite")
+SUITE_GROUP = ("Group", "platform-suite", "")
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "escalate", "bind", "impersonate"}
+
+
+@functools.cache
+def rendered(directory: Path) -> tuple[dict, ...]:
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, check=True).stdout
+    return tuple(load_documents(out, source=str(directory)))
+
+
+def of_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("directory", [RBAC, RBAC / "destructive"], ids=["base", "destructive"])
+def test_rbac_is_valid_kubernetes(directory):
+    errors = validate(rendered(directory), overlay=f"suite-rbac/{directory.name}", istio_version=ISTIO_VERSIONS[0])
+    assert not errors, "\n".join(map(str, errors))
+
+
+def all_rules(docs):
+    for d in docs:
+        for rule in d.get("rules", []):
+            yield d, rule
+
+
+@pytest.mark.parametrize("directory", [RBAC, RBAC / "destructive"], ids=["base", "destructive"])
+def test_no_wildcards_and_secrets_only_by_name(directory):
+    for doc, rule in all_rules(rendered(directory)):
+        for key in ("verbs", "resources", "apiGroups"):
+            assert "*" not in rule.get(key, []), f"{doc['metadata']['name']}: wildcard in {key}"
+        if "secrets" in rule.get("resources", []):
+            assert rule.get("resourceNames") and set(rule["verbs"]) == {"get"}, doc["metadata"]["name"]
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+        assert not {"roles", "rolebindings", "clusterroles", "clusterrolebindings"} & set(rule.get("resources", []))
+
+
+def test_cluster_wide_writes_are_confined_by_the_admission_policy():
+    docs = rendered(RBAC)
+    roles = {d["metadata"]["name"]: d for d in of_kind(docs, "ClusterRole")}
+    bound_cluster_wide = {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")}
+    policy = of_kind(docs, "ValidatingAdmissionPolicy")[0]
+    guarded = {r for rule in policy["spec"]["matchConstraints"]["resourceRules"] for r in rule["resources"]}
+    for name in bound_cluster_wide:
+        for rule in roles[name]["rules"]:
+            if WRITE_VERBS & set(rule["verbs"]):
+                assert set(rule["resources"]) <= guarded, (name, rule)
+    binding = of_kind(docs, "ValidatingAdmissionPolicyBinding")[0]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    condition = policy["spec"]["matchConditions"][0]["expression"]
+    assert "system:serviceaccount:platform-suite:platform-suite" in condition and "'platform-suite'" in condition
+    assert policy["spec"]["failurePolicy"] == "Fail"
+
+
+def test_every_binding_names_only_the_suite():
+    for b in of_kind(rendered(RBAC), "ClusterRoleBinding") + of_kind(rendered(RBAC), "RoleBinding"):
+        subjects = {(s["kind"], s["name"], s.get("namespace", "")) for s in b["subjects"]}
+        assert subjects == {SUITE_SA, SUITE_GROUP}, b["metadata"]
+    for b in of_kind(rendered(RBAC / "destructive"), "RoleBinding"):
+        assert [(s["kind"], s["name"]) for s in b["subjects"]] == [("Group", "platform-suite-destructive")]
+
+
+@pytest.mark.parametrize("tenant_name", tenant_folders(PLATFORM))
+def test_every_tenant_namespace_is_bound(tenant_name):
+    bound = {b["metadata"]["namespace"] for b in of_kind(rendered(RBAC), "RoleBinding")
+             if b["roleRef"]["name"] == "platform-suite-namespace"}
+    assert tenant_name in bound, (f"platform/suite-rbac/tenant-bindings.yaml has no RoleBinding for {tenant_name}: "
+                             "the suite could not call from its pods on a shared cluster")
+    assert "istio-system" in bound
+
+
+# --- an RBAC evaluator, to check the eks plan against the rules ------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    verb: str
+    resource: str
+    group: str = ""
+    namespace: str = ""  # "" = cluster-scoped or all namespaces
+    name: str = ""
+    subresource: str = ""
+
+    def __str__(self) -> str:
+        r = self.resource + (f"/{self.subresource}" if self.subresource else "")
+        return f"{self.verb} {self.group or 'core'}/{r} {self.namespace}/{self.name}"
+
+
+def allowed(docs, req: Request) -> bool:
+    roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+             for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    grants = []  # (namespace or None for everywhere, role)
+    for b in of_kind(docs, "ClusterRoleBinding"):
+        grants.append((None, roles.get(("ClusterRole", "", b["roleRef"]["name"]))))
+    for b in of_kind(docs, "RoleBinding"):
+        ns = b["metadata"]["namespace"]
+        kind = b["roleRef"]["kind"]
+        grants.append((ns, roles.get((kind, ns if kind == "Role" else "", b["roleRef"]["name"]))))
+    resource = req.resource + (f"/{req.subresource}" if req.subresource else "")
+    for ns, role in grants:
+        if role is None or (ns is not None and ns != req.namespace):
+            continue
+        for rule in role["rules"]:
+            if (req.group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+                    and req.verb in rule["verbs"]
+                    and (not rule.get("resourceNames") or req.name in rule["resourceNames"])):
+                return True
+    return False
+
+
+KINDS = {"namespace": ("", "namespaces"), "namespaces": ("", "namespaces"), "configmap": ("", "configmaps"),
+         "service": ("", "services"), "secret": ("", "secrets"), "pods": ("", "pods"), "pod": ("", "pods"),
+         "deployment": ("apps", "deployments"), "deployments": ("apps", "deployments"), "events": ("", "events")}
+
+
+def requests_of(cmd: Command) -> list[Request]:
+    """What a kubectl or istioctl command asks the API server for."""
+    a = list(cmd.argv)
+    if cmd.tool == "istioctl":  # proxy-config all <pod>.<ns>: read the pod, forward to its admin port
+        pod, ns = a[a.index("all") + 1].rsplit(".", 1)
+        return [Request("get", "pods", namespace=ns, name=pod),
+                Request("create", "pods", namespace=ns, name=pod, subresource="portforward")]
+    a = a[3:] if a[1] == "--context" else a[1:]
+    ns = a[a.index("-n") + 1] if "-n" in a else ""
+    verb = a[0]
+    if verb in ("kustomize", "config"):
+        return []  # local
+    if verb == "get":
+        group, resource = KINDS[a[1]]
+        name = a[2] if len(a) > 2 and not a[2].startswith("-") else ""
+        return [Request("get" if name else "list", resource, group, ns, name)]
+    if verb == "apply":
+        out = []
+        for d in load_documents(cmd.stdin):
+            group, resource = KINDS[d["kind"].lower()]
+            dns = d["metadata"].get("namespace", "")
+            out += [Request(v, resource, group, dns, d["metadata"]["name"]) for v in ("patch", "create")]
+        return out
+    if verb == "delete":
+        group, resource = KINDS[a[1]]
+        return [Request("list", resource, group, ns), Request("delete", resource, group, ns)]
+    if verb == "exec":
+        pod = a[a.index(ns) + 1]
+        return [Request("get", "pods", namespace=ns, name=pod),
+                Request("create", "pods", namespace=ns, name=pod, subresource="exec")]
+    if verb == "logs":
+        return [Request("get", "pods", namespace=ns, name=a[3], subresource="log")]
+    if verb == "port-forward":
+        return [Request("get", "services", namespace=ns, name=a[3].split("/", 1)[1]),
+                Request("list", "pods", namespace=ns),
+                Request("create", "pods", namespace=ns, subresource="portforward")]
+    raise AssertionError(f"unmapped command {cmd.argv}")
+
+
+@pytest.fixture(scope="module")
+def eks_commands() -> list[Command]:
+    steps = eks_plan(PLATFORM, context="shared")
+    cmds = [s.command if isinstance(s, (Poll, Background)) else s for s in steps]
+    cmds = [c for c in cmds if c.argv[0] != "#"]
+    # the real run also reads the image the cluster runs (the dry run uses the repository's)
+    cmds.append(Command(("kubectl", "--context", "shared", "get", "deployment", "app-ui", "-n", "tenanta", "-o",
+                         "json"), "image"))
+    return cmds
+
+
+def test_the_rbac_allows_every_command_of_an_eks_run(eks_commands):
+    docs = rendered(RBAC)
+    needed = [r for c in eks_commands for r in requests_of(c)]
+    assert len(needed) > 20
+    denied = [f"{r}  <- {' '.join(c.argv[1:6])}" for c in eks_commands for r in requests_of(c) if not allowed(docs, r)]
+    assert not denied, "\n".join(denied)
+
+
+def test_the_rbac_refuses_what_a_run_does_not_need():
+    docs = rendered(RBAC)
+    for req in [Request("get", "secrets", namespace="istio-system", name="istiod-ca"),
+                Request("list", "secrets", namespace="tenanta"),
+                Request("patch", "deployments", "apps", "istio-system", "istio-ingressgateway"),
+                Request("delete", "authorizationpolicies", "security.istio.io", "tenanta", "tenant-isolation"),
+                Request("create", "deployments", "apps", "tenanta"),
+                Request("get", "configmaps", namespace="kube-system", name="aws-auth")]:
+        assert not allowed(docs, req), str(req)
+    # the destructive identity gets exactly what the cluster faults change
+    destructive = rendered(RBAC / "destructive")
+    assert allowed(destructive, Request("patch", "deployments", "apps", "istio-system", "istio-ingressgateway"))
+    assert allowed(destructive, Request("delete", "authorizationpolicies", "security.istio.io", "tenanta"))
+    assert not allowed(destructive, Request("delete", "deployments", "apps", "tenanta"))
