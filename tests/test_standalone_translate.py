@@ -132,10 +132,13 @@ def test_tenants_come_from_their_tenant_files(model) -> None:
 
 
 def test_workloads_are_the_gateway_and_each_tenants_apps(model) -> None:
-    got = sorted((w.namespace, w.name, w.kind) for w in model.workloads)
-    assert got == [("istio-system", "istio-ingressgateway", "gateway"),
-                   ("tenanta", "app-ui", "app_ui"), ("tenanta", "rag-api", "rag_api"),
-                   ("tenantb", "app-ui", "app_ui"), ("tenantb", "rag-api", "rag_api")]
+    # rag-api is a Canary's target: Flagger's primary serves, the target is the canary.
+    got = sorted((w.namespace, w.name, w.kind, w.role) for w in model.workloads)
+    assert got == [("istio-system", "istio-ingressgateway", "gateway", ""),
+                   ("tenanta", "app-ui", "app_ui", ""), ("tenanta", "rag-api", "rag_api", "canary"),
+                   ("tenanta", "rag-api-primary", "rag_api", "primary"),
+                   ("tenantb", "app-ui", "app_ui", ""), ("tenantb", "rag-api", "rag_api", "canary"),
+                   ("tenantb", "rag-api-primary", "rag_api", "primary")]
     assert model.workload("tenanta", "rag-api").spiffe_id == "spiffe://cluster.local/ns/tenanta/sa/rag-api"
 
 
@@ -620,7 +623,9 @@ def test_gateway_routes_tenant_api_to_its_rag_api_over_its_own_mtls(prepared: St
     vhosts = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
     [vhost] = [v for v in vhosts if tenant.host in v["domains"]]
     [api] = [r for r in vhost["routes"] if r["match"] == {"prefix": "/api/"}]
-    cluster_name = f"outbound|8080||rag-api.{tenant.namespace}.svc.cluster.local"
+    # Flagger's generated delegate: the primary's route (the canary's precedes it, see
+    # tests/test_rollout_routes.py)
+    cluster_name = f"outbound|8080||rag-api-primary.{tenant.namespace}.svc.cluster.local"
     assert api["route"]["cluster"] == cluster_name
     assert api["route"]["prefix_rewrite"] == "/"
 

@@ -1,0 +1,52 @@
+"""Fixtures of the rollout suite: user load through the gateway, and a timeline report per
+scenario (JSON, and PNG when matplotlib is installed) next to the run's JUnit XML, else in
+``reports/``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+from fixtures.flagger import Rollout
+from fixtures.load import MAX_RUN_TIME_S, LoadRun, LoadSpec, Target
+from fixtures.platform import Tenant, user_headers
+from suites.rollout import timeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def user_load(platform, tmp_path: Path):
+    """``user_load(tenants, seconds)``: a context manager running locust (a subprocess)
+    through the gateway with real tokens of each tenant's user, two users per tenant;
+    yields the :class:`~fixtures.load.LoadRun`, stopped on exit. Traffic is flowing for
+    every tenant when the block starts."""
+    @contextlib.contextmanager
+    def start(tenants: Sequence[Tenant], seconds: float) -> Iterator[LoadRun]:
+        gw = platform.gateway()
+        spec = LoadSpec(gateway=gw.address, ca_bundle=gw.ca_bundle, proxy_protocol=gw.expects_proxy_protocol,
+                        targets=[Target(t.name, t.host, user_headers(t, platform.idp(t).token())) for t in tenants],
+                        users_per_tenant=2, run_time_s=min(MAX_RUN_TIME_S, math.ceil(seconds)))
+        with LoadRun(spec, tmp_path / "load", name="users") as run:
+            for t in tenants:
+                run.wait_for(t.name, 10)
+            yield run
+    return start
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest):
+    """``report(rollout, load_records)``: registers the scenario's timeline; written at
+    teardown, also when the test failed, to ``<reports>/rollout-<test>.{json,png}``."""
+    entries: list[tuple[Rollout, list]] = []
+    yield lambda rollout, records: entries.append((rollout, records))
+    xml = request.config.getoption("xmlpath", None)
+    out = Path(xml).resolve().parent if xml else REPO / "reports"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_")
+    for i, (rollout, records) in enumerate(entries):
+        timeline.write(out / f"rollout-{name}{'-' + str(i) if i else ''}", rollout, records)
