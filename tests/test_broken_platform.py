@@ -19,6 +19,8 @@ from typing import Callable
 
 import pytest
 
+from fixtures.process import pid_alive
+
 from fixtures.manifests import render
 from fixtures.platform import Outcome, user_headers
 from fixtures.standalone.backend import StandalonePlatform
@@ -114,16 +116,10 @@ def test_deleting_the_authorization_policy_changes_behaviour(variant: Variant, t
         pids = [p.pid for p in plat.supervisor.processes.values() if p.pid]
     finally:
         plat.close()
-    assert not [pid for pid in pids if _alive(pid)], "close() left processes of the platform running"
+    assert not [pid for pid in pids if pid_alive(pid)], "close() left processes of the platform running"
     assert not plat.run_dir.exists()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_suite_run_against_an_unknown_field_fails_naming_it(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from fixtures.cluster.commands import Executor, Recorder
 from fixtures.cluster.fakes import FakeTools
 from fixtures.cluster.kubectl import Kubectl
 from fixtures.cluster.portforward import PortForward
-from fixtures.process import ProcessError
+from fixtures.process import ProcessError, pid_alive
 
 
 @pytest.fixture
@@ -30,12 +30,6 @@ def forward(fakes, tmp_path, timeout=10.0) -> PortForward:
     return PortForward(kubectl, "istio-system", "svc/prometheus", 9090, log_dir=tmp_path / "logs", timeout=timeout)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_forward_is_ready_once_the_port_answers_and_is_stopped_after(fakes, tmp_path):
@@ -52,7 +46,7 @@ def test_forward_is_ready_once_the_port_answers_and_is_stopped_after(fakes, tmp_
                      f"{pf.local_port}:9090", "--address", "127.0.0.1"]]
     # one kubectl for the whole block: readiness did not start it again
     assert len(fakes.calls("kubectl")) == 1
-    assert not _alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_kubectl_exiting_fails_at_once_with_its_message(fakes, tmp_path):

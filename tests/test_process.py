@@ -11,10 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 
-from fixtures.process import Managed, ProcessError, Supervisor, free_port
+from fixtures.process import Managed, ProcessError, Supervisor, free_port, pid_alive
 from fixtures.wait import eventually
 
 SLEEPER = "import time; time.sleep(120)"
@@ -41,12 +40,6 @@ time.sleep(120)
 """
 
 
-def alive(pid: int) -> bool:
-    """Running or sleeping; a zombie (dead, waiting to be reaped) counts as gone."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def file_written(path: Path):
@@ -59,7 +52,7 @@ def file_written(path: Path):
 def reap(pids: list[int]) -> None:
     """Kill by pid whatever this test started and the supervisor left running."""
     for pid in pids:
-        if alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -72,9 +65,9 @@ def test_close_stops_child_and_grandchild(tmp_path: Path) -> None:
                                  tmp_path / "parent.log", health=file_written(pids_file)), timeout=30)
         pids = [int(p) for p in pids_file.read_text().split()]
         assert pids[0] == proc.pid
-        assert all(alive(p) for p in pids)
+        assert all(pid_alive(p) for p in pids)
         sup.close()
-        eventually(lambda: not any(alive(p) for p in pids), timeout=5, what="child and grandchild gone")
+        eventually(lambda: not any(pid_alive(p) for p in pids), timeout=5, what="child and grandchild gone")
     finally:
         sup.close()
         reap(pids)
@@ -89,9 +82,9 @@ def test_close_stops_a_grandchild_whose_parent_already_exited(tmp_path: Path) ->
                                  tmp_path / "parent.log"), wait=False)
         pids = [int(p) for p in eventually(file_written(pids_file), timeout=30).split()]
         eventually(lambda: proc.popen.poll() is not None, timeout=10, what="parent exited")
-        assert alive(pids[1])
+        assert pid_alive(pids[1])
         sup.close()
-        eventually(lambda: not alive(pids[1]), timeout=2, what="grandchild gone")
+        eventually(lambda: not pid_alive(pids[1]), timeout=2, what="grandchild gone")
     finally:
         sup.close()
         reap(pids)
@@ -109,7 +102,7 @@ def test_child_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
         elapsed = time.monotonic() - started
         assert proc.popen.returncode == -signal.SIGKILL
         assert 0.5 <= elapsed < 5, f"stopped after {elapsed:.2f}s"
-        assert not alive(proc.pid)
+        assert not pid_alive(proc.pid)
     finally:
         sup.close()
         if proc is not None and proc.pid:
@@ -141,7 +134,7 @@ def test_health_check_that_never_passes_raises_with_the_log_tail(tmp_path: Path)
         assert proc.running(), "a failed health check must not stop the process by itself"
     finally:
         sup.close()
-    assert not alive(proc.pid)
+    assert not pid_alive(proc.pid)
 
 
 def test_child_exiting_during_start_raises_with_its_exit_code(tmp_path: Path) -> None:

@@ -5,9 +5,7 @@ and without closing a client's connection."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -20,15 +18,6 @@ from fixtures.wait import eventually
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 
-
-@pytest.fixture(scope="module")
-def prepared() -> Iterator[StandalonePlatform]:
-    """The repository's platform translated, nothing started; its run dir removed after."""
-    plat = StandalonePlatform(PLATFORM).prepare()
-    try:
-        yield plat
-    finally:
-        shutil.rmtree(plat.run_dir, ignore_errors=True)
 
 
 def test_each_canary_is_a_runtime_fraction_route_before_its_primary(prepared: StandalonePlatform) -> None:

@@ -538,15 +538,6 @@ def test_unknown_condition_key_is_refused() -> None:
 # --- generated Envoy configuration --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prepared() -> Iterator[StandalonePlatform]:
-    """The repository's platform translated (nothing started); its run dir is removed after."""
-    plat = StandalonePlatform(PLATFORM).prepare()
-    try:
-        yield plat
-    finally:
-        shutil.rmtree(plat.run_dir, ignore_errors=True)
-
 
 def validate(config: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config)],
