@@ -4,7 +4,8 @@ Callers: each tenant's rag-api and app-ui (through their own sidecars), the ingr
 gateway, and a process outside the mesh (TLS without a client certificate, and plaintext).
 Targets: each tenant's rag-api and app-ui services. Expected: a tenant's own workloads and
 the gateway are allowed; another tenant's workloads are refused at the TLS handshake (the
-target trusts only its own CA and the mesh root); the outside caller is refused by STRICT
+target trusts only its own CA and the mesh root; by AuthorizationPolicy where one CA signs
+every workload); the outside caller is refused by STRICT
 mTLS (handshake without a certificate, reset for plaintext). Every call carries a signed-in
 user of the *target* tenant, so only the caller's identity differs between rows. Each row
 first runs a positive control to the same target from the target's own tenant, and an
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.platform import Outcome
+from fixtures.platform import MissingCapability, Outcome
 from suites.isolation.probes import (APPS, GATEWAY_IDENTITY, GATEWAY_PATH, MESH_PATH, expect_caller_seen,
                                      other_app, service, spiffe, user, via_gateway)
 
@@ -26,9 +27,18 @@ pytestmark = pytest.mark.standalone_required
 HOPS = [(src, dst) for src in APPS for dst in APPS]
 
 
-def expected(src_tenant, dst_tenant) -> Outcome:
-    """The one predicate of the east-west matrix."""
-    return Outcome.OK if src_tenant == dst_tenant else Outcome.TLS_REFUSED
+def expected(platform, src_tenant, dst_tenant) -> Outcome:
+    """The one predicate of the east-west matrix. Where each tenant has a certificate
+    authority of its own (capability "per-tenant-ca"), another tenant is refused at the
+    handshake; where one CA signs every workload (istiod's on a cluster), the refusal comes
+    from the AuthorizationPolicy."""
+    if src_tenant == dst_tenant:
+        return Outcome.OK
+    try:
+        platform.requires("per-tenant-ca")
+    except MissingCapability:
+        return Outcome.RBAC_403
+    return Outcome.TLS_REFUSED
 
 
 def positive_control(platform, tenant, app: str, headers: dict):
@@ -48,7 +58,7 @@ def test_workload_to_workload(platform, tenant_pair, hop):
     headers = user(platform, dst)
     positive_control(platform, dst, dst_app, headers)
     res = platform.workload(src, src_app).call(service(dst, dst_app), MESH_PATH[dst_app], headers=headers)
-    want = expected(src, dst)
+    want = expected(platform, src, dst)
     res.expect(want)
     if want is Outcome.OK and dst_app == "rag-api":
         expect_caller_seen(res, spiffe(src, src_app))
