@@ -12,7 +12,7 @@ REPORTS ?= reports
 # Verbose output and kept artifacts under CI.
 PYTEST_FLAGS ?= $(if $(CI),-v -rA,-q)
 
-.PHONY: help setup system-deps test conformance isolation bench new-tenant clean
+.PHONY: help setup system-deps test conformance report isolation bench new-tenant clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -22,10 +22,10 @@ $(STAMP): requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $@
 
-system-deps: ## Debian packages the standalone backend needs (Prometheus)
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  if [ "$$(id -u)" != 0 ]; then echo "prometheus missing: run 'sudo make system-deps'" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+system-deps: ## Debian packages: Prometheus (standalone backend), Chromium (the report's browser test)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "prometheus or chromium missing: run 'sudo make system-deps'" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus chromium >/dev/null; }
 
 setup: $(STAMP) system-deps ## virtualenv with pinned packages, and Prometheus
 
@@ -34,10 +34,15 @@ test: setup envoy-cache ## the harness's own tests and every suite, on the stand
 	$(PY) -m pytest tests suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
 	  --junitxml=$(REPORTS)/junit-test.xml
 
-conformance: setup ## every suite against BACKEND (default standalone); JUnit XML in reports/
+conformance: setup ## every suite against BACKEND (default standalone); JUnit XML, run.json, report.html and report.md in reports/
 	@mkdir -p $(REPORTS)
-	$(PY) -m pytest suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
-	  --junitxml=$(REPORTS)/junit-conformance.xml
+	@status=0; $(PY) -m pytest suites $(PYTEST_FLAGS) --backend=$(BACKEND) --platform-dir=$(PLATFORM_DIR) \
+	  --junitxml=$(REPORTS)/junit-conformance.xml --run-json=$(REPORTS)/run.json || status=$$?; \
+	$(PY) -m fixtures.report $(REPORTS)/run.json || { [ $$status -ne 0 ] || status=1; }; \
+	exit $$status
+
+report: $(STAMP) ## re-render reports/report.html and reports/report.md from the last run (reports/run.json)
+	$(PY) -m fixtures.report $(REPORTS)/run.json
 
 isolation: setup ## the isolation suite alone; JUnit XML in reports/
 	@mkdir -p $(REPORTS)

@@ -6,6 +6,8 @@ Options: ``--backend`` (env PLATFORM_BACKEND; default standalone), ``--platform-
 ``--destructive``, ``--kind-cluster``, ``--cluster-attach``, ``--eks-users``):
 fixtures/cluster/pytest_plugin.py. On a failed test the backend dumps
 configs and logs into ``<artifacts>/<test id>/`` and the report says where.
+``--run-json PATH`` writes the run for the conformance report (fixtures/report/plugin.py);
+long steps show a progress line (fixtures/progress.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from fixtures.platform import MissingCapability  # noqa: E402
 
-pytest_plugins = ["fixtures.cluster.pytest_plugin"]
+pytest_plugins = ["fixtures.cluster.pytest_plugin", "fixtures.report.plugin", "fixtures.progress"]
 
 BACKENDS = {
     "standalone": "fixtures.standalone.backend:StandalonePlatform",

@@ -9,11 +9,6 @@ JUnit report: the named tests must fail, for the named reason, and nothing else 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,26 +16,19 @@ from typing import Callable
 import pytest
 import yaml
 
+from fixtures.mutants import catalog
+from fixtures.mutants.catalog import copy_platform
+from fixtures.mutants.runner import run_pytest
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-PLATFORM = REPO / "platform"
 SUITE_TIMEOUT_S = 300
-
-
-def copy_platform(tmp_path: Path) -> Path:
-    dest = tmp_path / "platform"
-    shutil.copytree(PLATFORM, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest
 
 
 def add_patch(copy: Path, tenant: str, patch: dict) -> None:
     """Append a Kustomize patch to the tenant's overlay (patches run after the tenant
     component, so targets carry their final names and namespaces)."""
-    path = copy / "tenants" / tenant / "kustomization.yaml"
-    doc = yaml.safe_load(path.read_text())
-    doc.setdefault("patches", []).append(patch)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    catalog.add_patch(copy, f"tenants/{tenant}/kustomization.yaml", patch)
 
 
 def tenant_yaml(copy: Path, tenant: str) -> dict:
@@ -154,47 +142,22 @@ BREAKAGES = [
 ]
 
 
-@dataclass(frozen=True)
-class Report:
-    passed: list[str]
-    failed: dict[str, str]   # test id -> failure message and text
-    output: str
-
-
-def run_isolation_suite(copy: Path, select: tuple[str, ...], work: Path) -> Report:
-    junit = work / "junit.xml"
-    argv = [sys.executable, "-m", "pytest", *select, "-q", "-p", "no:cacheprovider", "--platform-dir", str(copy),
-            "--artifacts", str(work / "artifacts"), f"--junitxml={junit}"]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, check=False)
-    output = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert junit.exists(), f"the suite produced no report (exit {proc.returncode}):\n{output}"
-    passed, failed = [], {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        test_id = f"{case.get('classname')}::{case.get('name')}"
-        problem = case.find("failure")
-        if problem is None:
-            problem = case.find("error")
-        if problem is not None:
-            failed[test_id] = f"{problem.get('message', '')}\n{problem.text or ''}"
-        elif case.find("skipped") is None:
-            passed.append(test_id)
-    return Report(passed, failed, output)
-
-
 @pytest.mark.parametrize("breakage", BREAKAGES, ids=str)
 def test_isolation_suite_catches_the_breakage(breakage, tmp_path):
     copy = copy_platform(tmp_path)
     breakage.mutate(copy)
-    report = run_isolation_suite(copy, breakage.select, tmp_path)
+    run = run_pytest(breakage.select, platform_dir=copy, work=tmp_path, timeout=SUITE_TIMEOUT_S)
+    assert run.report is not None, f"the suite produced no report (exit {run.returncode}):\n{run.output}"
+    report = run.report
     summary = "\n".join(f"FAILED {k}: {v.splitlines()[0][:300]}" for k, v in report.failed.items())
-    assert report.failed, f"{breakage}: the isolation suite passed against the broken platform\n{report.output}"
+    assert report.failed, f"{breakage}: the isolation suite passed against the broken platform\n{run.output}"
     for want in breakage.must_fail:
         hits = [k for k in report.failed if want.test in k]
-        assert hits, f"{breakage}: expected {want.test!r} to fail; failures:\n{summary}\n{report.output}"
+        assert hits, f"{breakage}: expected {want.test!r} to fail; failures:\n{summary}\n{run.output}"
         assert any(want.reason in report.failed[k] for k in hits), \
             f"{breakage}: {hits[0]} failed, but not because {want.reason!r}:\n{report.failed[hits[0]][:3000]}"
     unrelated = [k for k in report.failed if not any(o in k for o in breakage.only)]
     assert not unrelated, f"{breakage}: tests failed that the breakage does not explain:\n{summary}"
     # the rest of the selection ran and passed: the suite failed where it should, not everywhere
-    assert report.passed, f"{breakage}: nothing passed; the suite did not work at all:\n{report.output}"
+    assert report.passed, f"{breakage}: nothing passed; the suite did not work at all:\n{run.output}"
+    assert not run.leftovers, f"the run left {run.leftovers} behind"

@@ -9,10 +9,6 @@ clear error; it is never silently run as if it were intact.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +18,8 @@ import pytest
 from fixtures.process import pid_alive
 
 from fixtures.manifests import render
+from fixtures.mutants.catalog import add_patch, copy_platform
+from fixtures.mutants.runner import run_pytest
 from fixtures.platform import Outcome, user_headers
 from fixtures.standalone.backend import StandalonePlatform
 
@@ -33,36 +31,18 @@ TENANTA_KUSTOMIZATION = "tenants/tenanta/kustomization.yaml"
 
 # The tenant component's replacements run before this kustomization's own patches, so
 # the policy is matched under its final namespace, not the base's placeholder TENANT.
-DELETE_TENANTA_POLICY = """patches:
-  - patch: |-
-      $patch: delete
-      apiVersion: security.istio.io/v1
-      kind: AuthorizationPolicy
-      metadata:
-        name: tenant-isolation
-        namespace: tenanta
-"""
+DELETE_TENANTA_POLICY = {"patch": """$patch: delete
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: tenant-isolation
+  namespace: tenanta
+"""}
 
-UNKNOWN_FIELD = """patches:
-  - target: {kind: AuthorizationPolicy, name: tenant-isolation}
-    patch: |-
-      - op: add
-        path: /spec/rules/0/from/1/source/ipBlocks
-        value: ["10.0.0.0/8"]
-"""
-
-
-def copy_platform(tmp_path: Path) -> Path:
-    """A throwaway copy of platform/ to break; tmp_path is removed by pytest."""
-    dest = tmp_path / "platform"
-    shutil.copytree(PLATFORM, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dest
-
-
-def append(copy: Path, rel: str, text: str) -> None:
-    path = copy / rel
-    assert "patches:" not in path.read_text(), f"{rel} has patches already; the platform changed"
-    path.write_text(path.read_text() + text)
+UNKNOWN_FIELD = {"target": {"kind": "AuthorizationPolicy", "name": "tenant-isolation"}, "patch": """- op: add
+  path: /spec/rules/0/from/1/source/ipBlocks
+  value: ["10.0.0.0/8"]
+"""}
 
 
 def isolation_policies(platform_dir: Path) -> set[str]:
@@ -84,7 +64,7 @@ class Variant:
 VARIANTS = [
     Variant("the platform as it is", None, frozenset({"tenanta", "tenantb"}), Outcome.RBAC_403),
     Variant("a copy without tenanta's AuthorizationPolicy",
-            lambda copy: append(copy, TENANTA_KUSTOMIZATION, DELETE_TENANTA_POLICY),
+            lambda copy: add_patch(copy, TENANTA_KUSTOMIZATION, DELETE_TENANTA_POLICY),
             frozenset({"tenantb"}), Outcome.OK),
 ]
 
@@ -124,16 +104,10 @@ def test_deleting_the_authorization_policy_changes_behaviour(variant: Variant, t
 
 def test_suite_run_against_an_unknown_field_fails_naming_it(tmp_path: Path) -> None:
     copy = copy_platform(tmp_path)
-    append(copy, TENANTA_KUSTOMIZATION, UNKNOWN_FIELD)
-    scratch = tmp_path / "tmp"  # the run's temp root, to see what it leaves behind
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch), "PLATFORM_BACKEND": "standalone"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "suites/ingress", "-q", "--platform-dir", str(copy), "-p", "no:cacheprovider"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode not in (0, 5), f"exit {proc.returncode}:\n{output[-4000:]}"  # 5: nothing collected
-    assert "UnsupportedField" in output, output[-4000:]
-    assert "AuthorizationPolicy tenanta/tenant-isolation" in output, output[-4000:]
-    assert "spec.rules[0].from[1].source.ipBlocks" in output, output[-4000:]
-    assert not list(scratch.glob("tenant-mesh-*")), "the failed run left its run directory behind"
+    add_patch(copy, TENANTA_KUSTOMIZATION, UNKNOWN_FIELD)
+    run = run_pytest(["suites/ingress"], platform_dir=copy, work=tmp_path, timeout=240)
+    assert run.returncode not in (None, 0, 5), f"exit {run.returncode}:\n{run.output[-4000:]}"  # 5: nothing collected
+    assert "UnsupportedField" in run.output, run.output[-4000:]
+    assert "AuthorizationPolicy tenanta/tenant-isolation" in run.output, run.output[-4000:]
+    assert "spec.rules[0].from[1].source.ipBlocks" in run.output, run.output[-4000:]
+    assert not run.leftovers, "the failed run left its run directory behind"

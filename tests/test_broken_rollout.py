@@ -7,10 +7,6 @@ copy, must fail and say so. The same scenario against an intact copy passes (the
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,29 +15,24 @@ import pytest
 
 from fixtures.flagger import canary_for
 from fixtures.manifests import render
+from fixtures.mutants.catalog import add_patch, copy_platform
+from fixtures.mutants.runner import run_pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-PLATFORM = REPO / "platform"
 TENANTA_KUSTOMIZATION = "tenants/tenanta/kustomization.yaml"
 SCENARIO = "suites/rollout/test_canary_scenarios.py"
 FIVE_XX = "test_canary_rollout and 5xx"
 LOOSENED_MIN = 50  # far below the 80% a 20% 5xx version answers
 
-LOOSEN = f"""patches:
-  - target: {{group: flagger.app, kind: Canary, name: rag-api}}
-    patch: |-
-      - op: replace
-        path: /spec/analysis/metrics/0/thresholdRange/min
-        value: {LOOSENED_MIN}
-"""
+LOOSEN = {"target": {"group": "flagger.app", "kind": "Canary", "name": "rag-api"}, "patch": f"""- op: replace
+  path: /spec/analysis/metrics/0/thresholdRange/min
+  value: {LOOSENED_MIN}
+"""}
 
 
 def loosen(copy: Path) -> None:
-    path = copy / TENANTA_KUSTOMIZATION
-    assert "patches:" not in path.read_text(), f"{TENANTA_KUSTOMIZATION} has patches already; the platform changed"
-    path.write_text(path.read_text() + LOOSEN)
+    add_patch(copy, TENANTA_KUSTOMIZATION, LOOSEN)
 
 
 @dataclass(frozen=True)
@@ -63,8 +54,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_rollout_suite_against_the_copy(variant: Variant, tmp_path: Path) -> None:
-    copy = tmp_path / "platform"
-    shutil.copytree(PLATFORM, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy = copy_platform(tmp_path)
     if variant.mutate is not None:
         variant.mutate(copy)
     spec = canary_for(render(copy, "standalone"), "tenanta", "rag-api")
@@ -74,21 +64,14 @@ def test_rollout_suite_against_the_copy(variant: Variant, tmp_path: Path) -> Non
     else:
         assert success.min is not None and success.min > 80, f"the platform's Canary accepts {success.range} already"
 
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch), "PLATFORM_BACKEND": "standalone"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", SCENARIO, "-k", FIVE_XX, "-q", "-p", "no:cacheprovider",
-         "--platform-dir", str(copy), "--junitxml", str(tmp_path / "reports" / "junit.xml"),
-         "--artifacts", str(tmp_path / "artifacts")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
-    output = proc.stdout + proc.stderr
+    run = run_pytest([SCENARIO, "-k", FIVE_XX], platform_dir=copy, work=tmp_path / "run", timeout=400)
+    assert run.report is not None, f"exit {run.returncode}:\n{run.output[-4000:]}"
     if variant.suite_passes:
-        assert proc.returncode == 0, f"exit {proc.returncode}:\n{output[-4000:]}"
-        assert "1 passed" in output, output[-4000:]
+        assert run.returncode == 0, f"exit {run.returncode}:\n{run.output[-4000:]}"
+        assert len(run.report.passed) == 1 and not run.report.failed, run.output[-4000:]
     else:
-        assert proc.returncode == 1, f"exit {proc.returncode}:\n{output[-4000:]}"
-        assert "1 failed" in output, output[-4000:]
+        assert run.returncode == 1, f"exit {run.returncode}:\n{run.output[-4000:]}"
+        [failure] = run.report.failed.values()
         # It failed for the right reason: the bad version was promoted.
-        assert "phase=Succeeded" in output and "Phase.FAILED" in output, output[-4000:]
-    assert not list(scratch.glob("tenant-mesh-*")), "the run left its run directory behind"
+        assert "phase=Succeeded" in failure and "Phase.FAILED" in failure, failure[-4000:]
+    assert not run.leftovers, "the run left its run directory behind"

@@ -89,6 +89,10 @@ def test_every_tenant_namespace_is_bound(tenant_name):
     assert tenant_name in bound, (f"platform/suite-rbac/tenant-bindings.yaml has no RoleBinding for {tenant_name}: "
                              "the suite could not call from its pods on a shared cluster")
     assert "istio-system" in bound
+    destructive = {b["metadata"]["namespace"] for b in of_kind(rendered(RBAC / "destructive"), "RoleBinding")
+                   if b["roleRef"]["name"] == "platform-suite-destructive"}
+    assert tenant_name in destructive, (f"platform/suite-rbac/destructive/roles.yaml has no RoleBinding for "
+                                        f"{tenant_name}: a destructive run could not fault its policies or pods")
 
 
 # --- an RBAC evaluator, to check the eks plan against the rules ------------------------

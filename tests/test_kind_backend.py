@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fixtures.cluster import versions
 from fixtures.cluster.callers import ClusterGateway
@@ -18,6 +19,7 @@ from fixtures.cluster.fakes import healthy_cluster, kind_tools
 from fixtures.cluster.kubectl import RUN_LABEL
 from fixtures.cluster.tools import Tools
 from fixtures.kind.backend import KindPlatform
+from fixtures.kind import stack
 from fixtures.manifests import kubectl as real_kubectl
 from fixtures.manifests import overlay_dir
 from fixtures.platform import MissingCapability, Outcome
@@ -69,6 +71,7 @@ def make(env, *, clusters: str = "", keep: bool = False, attach: bool = False, e
     return plat
 
 
+# What Flagger's kustomize/tester renders: no ServiceAccount of its own (it would run as `default`).
 LOADTESTER = """apiVersion: v1
 kind: Service
 metadata:
@@ -81,6 +84,27 @@ spec:
     targetPort: 8080
   selector:
     app: flagger-loadtester
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: flagger-loadtester
+  namespace: test
+spec:
+  selector:
+    matchLabels:
+      app: flagger-loadtester
+  template:
+    metadata:
+      labels:
+        app: flagger-loadtester
+    spec:
+      containers:
+      - name: loadtester
+        image: ghcr.io/fluxcd/flagger-loadtester:0.29.0
+        ports:
+        - name: http
+          containerPort: 8080
 """
 NOT_YET = {"stdout": json.dumps({"items": [{"metadata": {"name": "rag-api"}, "status": {"phase": "Progressing"}}]})}
 INITIALIZED = {"stdout": json.dumps({"items": [{"metadata": {"name": "rag-api"}, "status": {"phase": "Initialized"}}]})}
@@ -151,6 +175,36 @@ def test_start_drives_the_tools_in_order(run):
     assert all(a[:2] == ["--context", "kind-t1"] for a in kubectl if a[0] != "kustomize")
     applied = [c["stdin"] for c in fakes.calls("kubectl") if "apply" in c["argv"] and "-" in c["argv"]]
     assert any("kind: Canary" in s for s in applied) and any(f"{RUN_LABEL}: run1" in s for s in applied)
+
+
+def applies(fakes) -> list[list[dict]]:
+    """The documents of each ``kubectl apply -f -``, in order."""
+    return [[d for d in yaml.safe_load_all(c["stdin"]) if d] for c in fakes.calls("kubectl")
+            if "apply" in c["argv"] and "-" in c["argv"]]
+
+
+def kinds(docs: list[dict]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+def test_the_load_tester_runs_as_its_own_service_account(run):
+    (docs,) = [docs for docs in applies(run.fakes) if ("Deployment", "flagger-loadtester") in kinds(docs)]
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deploy["metadata"]["namespace"] == stack.FLAGGER_NAMESPACE
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == stack.LOADTESTER_SERVICE_ACCOUNT
+    assert ("ServiceAccount", stack.LOADTESTER_SERVICE_ACCOUNT) in kinds(docs)
+
+
+def test_a_load_tester_render_without_its_deployment_is_refused(env):
+    fakes, _, root = env
+    tester = root / "tools" / versions.flagger_tree() / "kustomize" / "tester"
+    # ahead of new_env's answer for the same render: the first matching rule answers
+    fakes.rules.insert(0, {"tool": "kubectl", "has": ["kustomize", str(tester)],
+                           "answers": [{"stdout": LOADTESTER.split("---")[0]}]})
+    plat = make(env)
+    with pytest.raises(RuntimeError, match="renders 0 Deployments named flagger-loadtester"):
+        plat.start()
+    assert not [docs for docs in applies(fakes) if ("ServiceAccount", "flagger-loadtester") in kinds(docs)]
 
 
 def test_the_kind_config_maps_the_gateway_port(run):

@@ -15,7 +15,7 @@ from fixtures.cluster.commands import Background, Command, Poll, Recorder
 from fixtures.cluster.__main__ import main
 from fixtures.cluster.plan import kind_plan
 from fixtures.cluster.tools import resolve
-from fixtures.kind import cluster
+from fixtures.kind import cluster, stack
 from fixtures.kind.backend import KindPlatform
 from fixtures.kind.identity import moto_jwks
 from fixtures.manifests import load_documents, tenant_catalog, tenant_folders
@@ -153,6 +153,56 @@ def test_tenants_trust_the_emulator_key_inline(steps):
     # only the key source changed: every tenant's issuer is still the one its config names
     issuers = {Tenant.from_config(d).issuer for d in tenant_catalog(docs)}
     assert {r["issuer"] for r in rules} == issuers and len(issuers) == len(tenant_folders(PLATFORM))
+
+
+def applied(steps, what: str) -> list[dict]:
+    """The documents of the apply whose description starts with ``what``."""
+    return [d for c in commands(steps) if c.what.startswith(what) and c.stdin and not c.stdin_label
+            for d in load_documents(c.stdin)]
+
+
+def test_prometheus_selects_every_pod_monitor_of_the_platform(steps):
+    crds = next(i for i, s in enumerate(steps) if isinstance(s, Poll) and "customresourcedefinitions" in s.command.argv)
+    assert "podmonitors.monitoring.coreos.com" in steps[crds].until
+    monitoring = next(i for i, s in enumerate(steps) if isinstance(s, Command) and s.argv[0] != "#"
+                      and s.what.startswith("Prometheus "))
+    assert crds < monitoring, "monitoring.yaml is applied before the PodMonitor CRD is established"
+    (prometheus,) = [d for d in applied(steps, "Prometheus ") if d["kind"] == "Prometheus"]
+    monitors = [d for d in applied_platform(steps) if d["kind"] == "PodMonitor"]
+    assert {m["metadata"]["namespace"] for m in monitors} == set(tenant_folders(PLATFORM))
+    assert not [d for d in applied_platform(steps) if d["kind"] == "ServiceMonitor"]
+    spec = prometheus["spec"]
+    for monitor in monitors:
+        labels = monitor["metadata"].get("labels") or {}
+        assert all(labels.get(k) == v for k, v in (spec["podMonitorSelector"].get("matchLabels") or {}).items())
+        assert not spec["podMonitorSelector"].get("matchExpressions")
+        assert spec["podMonitorNamespaceSelector"] == {}, "the tenants' namespaces must be selected"
+
+
+def test_the_load_tester_runs_as_the_identity_the_tenants_admit(steps):
+    docs = applied(steps, "Flagger's load tester")
+    (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert sa["metadata"] == {"name": stack.LOADTESTER_SERVICE_ACCOUNT, "namespace": stack.FLAGGER_NAMESPACE}
+    principal = f"cluster.local/ns/{stack.FLAGGER_NAMESPACE}/sa/{stack.LOADTESTER_SERVICE_ACCOUNT}"
+    policies = [d for d in applied_platform(steps) if d["kind"] == "AuthorizationPolicy"
+                and d["metadata"]["name"] == "tenant-isolation"]
+    assert len(policies) == len(tenant_folders(PLATFORM))
+    for policy in policies:
+        assert any(principal in s["source"].get("principals", [])
+                   for r in policy["spec"]["rules"] for s in r.get("from", [])), policy["metadata"]
+
+
+def test_flagger_without_a_sidecar_reaches_the_load_tester(steps):
+    """Flagger runs in istio-system with no sidecar; under the mesh-wide STRICT mTLS its
+    plain-HTTP webhook calls are refused unless the load tester's port accepts them."""
+    docs = applied(steps, "Flagger's load tester")
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    assert namespace["metadata"]["labels"]["istio-injection"] == "enabled"
+    (peer,) = [d for d in docs if d["kind"] == "PeerAuthentication"]
+    assert peer["metadata"]["namespace"] == stack.FLAGGER_NAMESPACE
+    assert peer["spec"]["selector"] == {"matchLabels": {"app": stack.LOADTESTER}}
+    assert peer["spec"]["portLevelMtls"] == {str(stack.LOADTESTER_PORT): {"mode": "PERMISSIVE"}}
+    assert peer["spec"]["mtls"] == {"mode": "STRICT"}
 
 
 def test_cluster_config_maps_the_overlays_gateway_node_port(steps):

@@ -155,11 +155,18 @@ BREAKAGES = [
         "Deployment tenanta/rag-api: $.spec.template.spec.serviceAccount_Name: unknown field",
     ),
     Breakage(
-        "a ServiceMonitor field outside the hand-written subset",
-        "base/service-monitor.yaml",
+        "a PodMonitor field outside the hand-written subset",
+        "base/pod-monitor.yaml",
         r"\binterval: 15s",
         "scrapeInterval: 15s",
-        "ServiceMonitor tenanta/tenant-sidecars: $.spec.endpoints[0].scrapeInterval: unknown field",
+        "PodMonitor tenanta/tenant-sidecars: $.spec.podMetricsEndpoints[0].scrapeInterval: unknown field",
+    ),
+    Breakage(
+        "a PodMonitor port that is not a port name",
+        "base/pod-monitor.yaml",
+        r"\bport: http-envoy-prom",
+        "port: 15090",
+        "PodMonitor tenanta/tenant-sidecars: $.spec.podMetricsEndpoints[0].port: 15090 is not of type 'string'",
     ),
     Breakage(
         "an API version the CRD does not have",

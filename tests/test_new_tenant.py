@@ -1,10 +1,13 @@
 """platform/tools/new_tenant.py: a tenant added by configuration reaches every overlay and
-GitOps, renders valid manifests wired to its own host and user pool, and a bad or
-repeated request is refused without touching the platform."""
+GitOps, renders valid manifests wired to its own host and user pool, gives the suite its
+rights in the tenant's namespace and the nightly EKS job its test users' passwords, and a
+bad or repeated request, or a file of unexpected shape, is refused without touching the
+repository."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import string
@@ -15,20 +18,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from fixtures.manifests import OVERLAYS, identity, load_documents, render, render_flux, tenant_catalog
-from fixtures.schemas import ISTIO_VERSIONS, assert_valid
+from fixtures.eks.cognito import load_users
+from fixtures.manifests import OVERLAYS, identity, kubectl, load_documents, render, render_flux, tenant_catalog
+from fixtures.platform import Tenant
+from fixtures.schemas import ISTIO_VERSIONS, assert_valid, validate
 
-PLATFORM = Path(__file__).resolve().parents[1] / "platform"
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM = REPO / "platform"
+#: What new_tenant.py edits outside platform/, relative to the repository.
+NIGHTLY = Path(".github") / "workflows" / "nightly-eks.yml"
+USERS = Path("fixtures") / "eks" / "users.yaml"
 NEW_TENANT = PLATFORM / "tools" / "new_tenant.py"
 POOL_ID = re.compile(r"^us-east-1_[0-9A-Za-z]{9}$")
 CLIENT_ID = re.compile(r"^[0-9a-z]{26}$")
 PLACEHOLDERS = re.compile(r"\bTENANT\b|USER_POOL_ID|CLIENT_ID|\bREGION\b|\$\{")
 
 
-def copy_platform(dest: Path) -> Path:
+def copy_platform(dest: Path, *, repo_files: bool = True) -> Path:
+    """A copy of platform/ in ``dest`` (with the repository files new_tenant.py also edits,
+    unless ``repo_files`` is false); returns the platform folder."""
     platform = dest / "platform"
     shutil.copytree(PLATFORM, platform, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if repo_files:
+        for rel in (NIGHTLY, USERS):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / rel, dest / rel)
     return platform
 
 
@@ -171,12 +187,12 @@ def test_catalog_is_complete_after_adding(with_tenantc):
 
 
 def test_adding_an_existing_tenant_is_refused_and_changes_nothing(with_tenantc):
-    before = snapshot(with_tenantc)
+    before = snapshot(with_tenantc.parent)
     proc = new_tenant(with_tenantc, "tenantc")
     assert proc.returncode == 1
     assert "tenant 'tenantc' already exists" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert snapshot(with_tenantc) == before
+    assert snapshot(with_tenantc.parent) == before
 
 
 @dataclass(frozen=True)
@@ -202,12 +218,12 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=str)
 def test_bad_name_is_refused_and_changes_nothing(with_tenantc, bad):
-    before = snapshot(with_tenantc)
+    before = snapshot(with_tenantc.parent)
     proc = new_tenant(with_tenantc, bad.name)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert bad.reason in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert snapshot(with_tenantc) == before
+    assert snapshot(with_tenantc.parent) == before
 
 
 def test_given_cognito_ids_are_used_verbatim(tmp_path):
@@ -234,10 +250,10 @@ def test_given_cognito_ids_are_used_verbatim(tmp_path):
 )
 def test_bad_cognito_ids_are_refused(tmp_path, args, reason):
     platform = copy_platform(tmp_path)
-    before = snapshot(platform)
+    before = snapshot(platform.parent)
     proc = new_tenant(platform, "tenantd", *args)
     assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
-    assert snapshot(platform) == before
+    assert snapshot(platform.parent) == before
 
 
 def test_an_entry_already_listed_is_kept_once_and_comments_survive(tmp_path):
@@ -267,7 +283,136 @@ def test_template_reproduces_the_existing_tenant(existing):
         "client_id": data["clientId"],
     }
     template = PLATFORM / "tenants" / "_template"
-    for path in sorted(p for p in template.rglob("*") if p.is_file()):
+    # corpus/ is each tenant's own content; tests/test_corpus.py checks the template's rendering.
+    for path in sorted(p for p in template.rglob("*") if p.is_file() and "corpus" not in p.relative_to(template).parts):
         rel = path.relative_to(template)
         expected = string.Template(path.read_text()).substitute(values)
         assert (folder / rel).read_text() == expected, f"tenants/{existing}/{rel} differs from tenants/_template/{rel}"
+
+
+# --- what the suite needs of the new tenant: RBAC on a shared cluster, nightly passwords ---
+
+
+def kustomized(directory: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    return load_documents(out, source=str(directory))
+
+
+@pytest.mark.parametrize("folder, role", [("suite-rbac", "platform-suite-namespace"),
+                                          ("suite-rbac/destructive", "platform-suite-destructive")],
+                         ids=["base", "destructive"])
+def test_the_suite_is_bound_in_the_new_tenants_namespace(with_tenantc, folder, role):
+    docs = kustomized(with_tenantc / folder)
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role]
+    (new,) = [b for b in bindings if b["metadata"]["namespace"] == "tenantc"]
+    (old,) = [b for b in bindings if b["metadata"]["namespace"] == "tenanta"]
+    assert {**new, "metadata": {}} == {**old, "metadata": {}}, "tenantc's RoleBinding differs from tenanta's"
+    assert new["metadata"]["name"] == old["metadata"]["name"]
+    assert not validate(docs, overlay=folder, istio_version=ISTIO_VERSIONS[0])
+
+
+def workflow_env(repo: Path) -> dict[str, str]:
+    doc = yaml.safe_load((repo / NIGHTLY).read_text())
+    return {k: v for job in doc["jobs"].values() for s in job["steps"] for k, v in (s.get("env") or {}).items()}
+
+
+def test_the_nightly_job_gets_the_new_tenants_passwords(with_tenantc):
+    repo = with_tenantc.parent
+    tenants = [Tenant.from_config(d) for d in tenant_catalog(render(with_tenantc, "standalone"))]
+    wanted = sorted(u.password_env for per in load_users(tenants, repo / USERS).values() for u in per.values())
+    assert any("TENANTC" in w for w in wanted)
+    env = workflow_env(repo)
+    assert not [w for w in wanted if env.get(w) != f"${{{{ secrets.{w} }}}}"], env
+    original = (REPO / NIGHTLY).read_text().splitlines()
+    edited = (repo / NIGHTLY).read_text().splitlines()
+    assert [line for line in edited if "TENANTC" not in line] == original, "only lines were added"
+    proc = subprocess.run([actionlint(), "-no-color", str(repo / NIGHTLY)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def actionlint() -> str:
+    beside = Path(sys.executable).parent / "actionlint"
+    found = os.environ.get("ACTIONLINT") or (str(beside) if beside.is_file() else shutil.which("actionlint"))
+    if not found:
+        pytest.fail("actionlint not found: it is pinned in requirements.lock (`make setup`), or set ACTIONLINT")
+    return found
+
+
+def test_entries_made_by_hand_before_are_kept_once(tmp_path):
+    platform = copy_platform(tmp_path)
+    bindings = platform / "suite-rbac" / "tenant-bindings.yaml"
+    bindings.write_text(bindings.read_text() + "---\n" + bindings.read_text().split("---\n")[0].replace(
+        "namespace: tenanta", "namespace: tenantd"))
+    workflow = tmp_path / NIGHTLY
+    line = "          SUITE_TENANTB_MALLORY_PASSWORD: ${{ secrets.SUITE_TENANTB_MALLORY_PASSWORD }}\n"
+    workflow.write_text(workflow.read_text().replace(
+        line, line + line.replace("TENANTB_MALLORY", "TENANTD_ALICE")))
+    proc = new_tenant(platform, "tenantd")
+    assert proc.returncode == 0, proc.stderr
+    assert bindings.read_text().count("namespace: tenantd") == 1
+    text = workflow.read_text()
+    assert text.count("SUITE_TENANTD_ALICE_PASSWORD:") == 1 and text.count("SUITE_TENANTD_MALLORY_PASSWORD:") == 1
+
+
+def test_without_the_nightly_workflow_beside_it_the_tenant_is_added_with_a_note(tmp_path):
+    platform = copy_platform(tmp_path, repo_files=False)
+    proc = new_tenant(platform, "tenantd")
+    assert proc.returncode == 0, proc.stderr
+    assert "to do: no .github/workflows/nightly-eks.yml beside this platform folder" in proc.stdout
+    assert "namespace: tenantd" in (platform / "suite-rbac" / "tenant-bindings.yaml").read_text()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A file new_tenant.py edits, changed into a shape it must refuse."""
+
+    what: str
+    file: str  # relative to the repository copy
+    old: str
+    new: str
+    reason: str
+    everywhere: bool = False  # replace every occurrence of `old`, not the first
+
+    def __str__(self) -> str:
+        return f"{self.what} is refused"
+
+
+STEP = "      - name: make test-eks\n        run: make test-eks CONTEXT=platform-eks\n"
+SHAPES = [
+    Shape("RoleBindings that disagree on their role", "platform/suite-rbac/tenant-bindings.yaml",
+          "  name: platform-suite-namespace\n", "  name: platform-suite-other\n",
+          "its RoleBindings differ in name, roleRef or subjects"),
+    Shape("a bindings file without a RoleBinding", "platform/suite-rbac/destructive/roles.yaml",
+          "kind: RoleBinding\n", "kind: ClusterRoleBinding\n", "no RoleBinding to copy for namespace tenantd",
+          everywhere=True),
+    Shape("a suite step without env", str(NIGHTLY), "        env:\n          CI: \"true\"\n",
+          "        with:\n          CI: \"true\"\n", "has no block `env:` mapping"),
+    Shape("two suite steps", str(NIGHTLY), STEP, STEP + "        env: {}\n" + STEP,
+          "expected one step running `make test-eks` (not its dry run), found 2"),
+    Shape("a users file whose user has no passwordEnv", str(USERS), "    passwordEnv: SUITE_{TENANT}_ALICE_PASSWORD\n",
+          "", "user 'alice' has no passwordEnv"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_files_of_unexpected_shape_are_refused_and_nothing_is_written(tmp_path, shape):
+    platform = copy_platform(tmp_path)
+    path = tmp_path / shape.file
+    text = path.read_text()
+    assert shape.old in text, f"{shape.file} no longer has {shape.old!r}; update this row"
+    path.write_text(text.replace(shape.old, shape.new, -1 if shape.everywhere else 1))
+    before = snapshot(tmp_path)
+    proc = new_tenant(platform, "tenantd")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert shape.reason in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_missing_users_file_is_refused_when_the_workflow_is_there(tmp_path):
+    platform = copy_platform(tmp_path)
+    (tmp_path / USERS).unlink()
+    before = snapshot(tmp_path)
+    proc = new_tenant(platform, "tenantd")
+    assert proc.returncode == 1 and "cannot name the password variables" in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,19 +15,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 import httpx
 import pytest
+from test_rag_fakes import HAIKU, NOVA, TENANTA_DOCS, HashEmbedder, Stack, rag_settings, stack, write_corpus
 
 APPS_DIR = Path(__file__).resolve().parents[1] / "platform" / "apps"
 if str(APPS_DIR) not in sys.path:
     sys.path.insert(0, str(APPS_DIR))
 
-from rag_api import __version__, identity, xfcc  # noqa: E402
+from rag_api import __version__, identity, ingest, xfcc  # noqa: E402
 from rag_api.app import create_app  # noqa: E402
+from rag_api.aws import Backends  # noqa: E402
 from rag_api.config import ConfigError, Settings  # noqa: E402
 from rag_api.faults import FAULT_HEADER, ErrorSchedule  # noqa: E402
 
@@ -45,7 +48,15 @@ CLAIMS = {
     "token_use": "id",
     "exp": 1893456000,
 }
-TENANTA = Settings(tenant_id="tenanta")
+# The RAG variables every Deployment sets (see Settings); tests add or override the rest.
+RAG_ENV = {
+    "DOCUMENTS_BUCKET": "platform-tenant-documents",
+    "DOCUMENTS_PREFIX": "tenanta/",
+    "SESSIONS_TABLE": "tenanta-sessions",
+    "AWS_REGION": "us-east-1",
+    "LLM_MODELS": f"{HAIKU},{NOVA}",
+    "EMBEDDING_MODELS": "all-MiniLM-L6-v2",
+}
 
 
 def b64url(data: bytes, *, pad: bool) -> str:
@@ -57,11 +68,40 @@ def jwt_payload(claims: dict[str, object], *, pad: bool = False) -> str:
     return b64url(json.dumps(claims).encode(), pad=pad)
 
 
+@dataclass(frozen=True)
+class Service:
+    """tenanta's settings (its index in place) and backends aimed at moto and the fake Bedrock."""
+
+    settings: Settings
+    backends: Backends
+
+    def but(self, **changes: object) -> Settings:
+        return replace(self.settings, **changes)
+
+
+@pytest.fixture(scope="module")
+def rag_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Settings]]:
+    """moto and the fake Bedrock holding tenanta's index (hash embedder); stopped after the module."""
+    with stack(HashEmbedder()) as made:
+        settings = made.space()
+        made.upload(settings, ingest.build_index(write_corpus(tmp_path_factory.mktemp("c"), TENANTA_DOCS),
+                                                 "tenanta", made.embedder))
+        yield made, settings
+
+
+@pytest.fixture
+def service(rag_stack: tuple[Stack, Settings]) -> Service:
+    """Fresh backends for one app; their clients are closed with the module's stack."""
+    made, settings = rag_stack
+    return Service(settings, made.backends())
+
+
 @asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """Yield a client of a started app (lifespan run); shut the app down afterwards."""
-    app = create_app(settings)
+async def serving(settings: Settings, backends: Backends) -> AsyncIterator[httpx.AsyncClient]:
+    """Yield a client of a started app (lifespan run, index loaded); shut the app down afterwards."""
+    app = create_app(settings, backends=backends)
     async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(app.state.loader.wait, 30), app.state.readiness.pending()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tenanta.example.com") as client:
             yield client
@@ -251,8 +291,8 @@ def test_forwarded_for_joins_header_lines_and_the_rightmost_entry_is_the_client(
 
 
 @pytest.mark.anyio
-async def test_probes_answer_after_startup() -> None:
-    async with serving(TENANTA) as client:
+async def test_probes_answer_after_startup(service: Service) -> None:
+    async with serving(service.settings, service.backends) as client:
         health = await client.get("/healthz")
         ready = await client.get("/readyz")
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
@@ -260,22 +300,26 @@ async def test_probes_answer_after_startup() -> None:
 
 
 @pytest.mark.anyio
-async def test_readiness_is_held_until_startup_and_by_any_registered_hold() -> None:
-    app = create_app(TENANTA)
+async def test_readiness_is_held_until_startup_and_by_any_registered_hold(service: Service) -> None:
+    app = create_app(service.settings, backends=service.backends)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://rag-api") as client:
         before = await client.get("/readyz")
         async with app.router.lifespan_context(app):
-            app.state.readiness.hold("index", "loading the FAISS index")
+            assert await asyncio.to_thread(app.state.loader.wait, 30)
+            app.state.readiness.hold("maintenance", "draining for maintenance")
             held = await client.get("/readyz")
-            app.state.readiness.release("index")
+            app.state.readiness.release("maintenance")
             released = await client.get("/readyz")
         after = await client.get("/readyz")
         health_after = await client.get("/healthz")
-    assert (before.status_code, before.json()["waiting_for"]) == (503, {"startup": "application startup has not finished"})
+    assert before.status_code == 503
+    assert before.json()["waiting_for"]["startup"] == "application startup has not finished"
+    assert before.json()["waiting_for"]["model"] == "loading embedding model all-MiniLM-L6-v2"
+    assert before.json()["waiting_for"]["index"].startswith("waiting for the embedding model before loading s3://")
     assert (held.status_code, held.json()) == (
         503,
-        {"status": "not ready", "waiting_for": {"index": "loading the FAISS index"}},
+        {"status": "not ready", "waiting_for": {"maintenance": "draining for maintenance"}},
     )
     assert released.status_code == 200
     assert (after.status_code, list(after.json()["waiting_for"])) == (503, ["shutdown"])
@@ -283,9 +327,9 @@ async def test_readiness_is_held_until_startup_and_by_any_registered_hold() -> N
 
 
 @pytest.mark.anyio
-async def test_whoami_reports_everything_the_proxies_established() -> None:
-    settings = Settings(tenant_id="tenanta", tenant_host="tenanta.example.com", app_version="1.2.3")
-    async with serving(settings) as client:
+async def test_whoami_reports_everything_the_proxies_established(service: Service) -> None:
+    settings = service.but(tenant_host="tenanta.example.com", app_version="1.2.3")
+    async with serving(settings, service.backends) as client:
         response = await client.get(
             "/whoami",
             headers={
@@ -314,8 +358,8 @@ async def test_whoami_reports_everything_the_proxies_established() -> None:
 
 
 @pytest.mark.anyio
-async def test_whoami_reports_null_for_what_no_proxy_established() -> None:
-    async with serving(TENANTA) as client:
+async def test_whoami_reports_null_for_what_no_proxy_established(service: Service) -> None:
+    async with serving(service.settings, service.backends) as client:
         response = await client.get("/whoami")
     assert response.status_code == 200
     assert response.json() == {
@@ -333,9 +377,9 @@ async def test_whoami_reports_null_for_what_no_proxy_established() -> None:
 
 
 @pytest.mark.anyio
-async def test_whoami_names_the_last_xfcc_element_and_the_rightmost_forwarded_for() -> None:
+async def test_whoami_names_the_last_xfcc_element_and_the_rightmost_forwarded_for(service: Service) -> None:
     header = f'By={APP_UI_ID};Subject="O=a, CN=b";URI={GATEWAY_ID},By={RAG_API_ID};Hash={HASH};URI={APP_UI_ID}'
-    async with serving(TENANTA) as client:
+    async with serving(service.settings, service.backends) as client:
         response = await client.get(
             "/whoami",
             headers=[
@@ -371,24 +415,27 @@ async def test_whoami_names_the_last_xfcc_element_and_the_rightmost_forwarded_fo
         ),
     ],
 )
-async def test_whoami_refuses_malformed_proxy_headers(headers: list[tuple[str, str]], message: str) -> None:
-    async with serving(TENANTA) as client:
+async def test_whoami_refuses_malformed_proxy_headers(
+    service: Service, headers: list[tuple[str, str]], message: str
+) -> None:
+    async with serving(service.settings, service.backends) as client:
         response = await client.get("/whoami", headers=headers)
     assert response.status_code == 400
     assert message in response.json()["detail"]
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("method", ["GET", "POST"])
-async def test_there_is_no_rag_answer_yet(method: str) -> None:
-    async with serving(TENANTA) as client:
+@pytest.mark.parametrize(("method", "status"), [("GET", 405), ("POST", 401)], ids=["GET /rag is 405", "POST /rag without identity is 401"])
+async def test_rag_answers_only_a_post_with_an_identity(service: Service, method: str, status: int) -> None:
+    # The full contract of /rag is in tests/test_rag_http.py and tests/test_rag_service.py.
+    async with serving(service.settings, service.backends) as client:
         response = await client.request(method, "/rag", json={"question": "What is our refund policy?"})
-    assert response.status_code == 404
+    assert response.status_code == status
 
 
 @pytest.mark.anyio
-async def test_every_request_writes_one_json_access_line(capsys: pytest.CaptureFixture[str]) -> None:
-    async with serving(TENANTA) as client:
+async def test_every_request_writes_one_json_access_line(service: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    async with serving(service.settings, service.backends) as client:
         capsys.readouterr()
         await client.get("/whoami", headers={"x-request-id": "req-1"})
         await client.get("/missing")
@@ -418,7 +465,7 @@ async def test_every_request_writes_one_json_access_line(capsys: pytest.CaptureF
     ],
 )
 def test_error_schedule_realises_exactly_the_rate(rate: str, requests: int, failures: int) -> None:
-    schedule = ErrorSchedule(Settings.from_env({"TENANT_ID": "t", "FAULT_ERROR_RATE": rate}).fault_error_rate)
+    schedule = ErrorSchedule(Settings.from_env({**VALID, "FAULT_ERROR_RATE": rate}).fault_error_rate)
     outcomes = [schedule.next_fails() for _ in range(requests)]
     assert [index for index, _ in outcomes] == list(range(requests))
     assert sum(fails for _, fails in outcomes) == failures
@@ -426,8 +473,8 @@ def test_error_schedule_realises_exactly_the_rate(rate: str, requests: int, fail
 
 @pytest.mark.anyio
 @pytest.mark.chaos
-async def test_error_rate_fails_exactly_that_share_of_requests_and_never_a_probe() -> None:
-    async with serving(Settings(tenant_id="tenanta", fault_error_rate=Fraction(1, 5))) as client:
+async def test_error_rate_fails_exactly_that_share_of_requests_and_never_a_probe(service: Service) -> None:
+    async with serving(service.but(fault_error_rate=Fraction(1, 5)), service.backends) as client:
         statuses = []
         failed = None
         for _ in range(100):
@@ -447,9 +494,9 @@ async def test_error_rate_fails_exactly_that_share_of_requests_and_never_a_probe
 
 @pytest.mark.anyio
 @pytest.mark.chaos
-async def test_latency_delays_requests_but_not_probes() -> None:
+async def test_latency_delays_requests_but_not_probes(service: Service) -> None:
     latency_s = 0.3
-    async with serving(Settings(tenant_id="tenanta", fault_latency_ms=int(latency_s * 1000))) as client:
+    async with serving(service.but(fault_latency_ms=int(latency_s * 1000)), service.backends) as client:
         start = time.perf_counter()
         whoami = await client.get("/whoami")
         whoami_s = time.perf_counter() - start
@@ -462,14 +509,17 @@ async def test_latency_delays_requests_but_not_probes() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.chaos
-async def test_crash_on_start_fails_the_lifespan() -> None:
-    app = create_app(Settings(tenant_id="tenanta", fault_crash_on_start=True))
+async def test_crash_on_start_fails_the_lifespan(service: Service) -> None:
+    app = create_app(service.but(fault_crash_on_start=True), backends=service.backends)
     with pytest.raises(RuntimeError, match="FAULT_CRASH_ON_START=true"):
         async with app.router.lifespan_context(app):
             pass
 
 
 # --- configuration -------------------------------------------------------------------------
+
+
+TENANTA_ARN = "arn:aws:bedrock:us-east-1:111122223333:provisioned-model/tenanta-support"
 
 
 def test_settings_from_a_full_environment() -> None:
@@ -481,6 +531,11 @@ def test_settings_from_a_full_environment() -> None:
             "FAULT_ERROR_RATE": "0.25",
             "FAULT_LATENCY_MS": "150",
             "FAULT_CRASH_ON_START": "FALSE",
+            **RAG_ENV,
+            "LLM_MODELS": f" {HAIKU} , {NOVA},{TENANTA_ARN}",
+            "RETRIEVAL_TOP_K": "5",
+            "INDEX_RETRY_SECONDS": "0.5",
+            "OMP_NUM_THREADS": "1",
         }
     )
     assert settings == Settings(
@@ -490,23 +545,35 @@ def test_settings_from_a_full_environment() -> None:
         fault_error_rate=Fraction(1, 4),
         fault_latency_ms=150,
         fault_crash_on_start=False,
+        documents_bucket="platform-tenant-documents",
+        documents_prefix="tenanta/",
+        sessions_table="tenanta-sessions",
+        aws_region="us-east-1",
+        llm_models=(HAIKU, NOVA, TENANTA_ARN),
+        embedding_models=("all-MiniLM-L6-v2",),
+        retrieval_top_k=5,
+        index_retry_seconds=0.5,
+        threads=1,
     )
 
 
 def test_settings_defaults_turn_every_fault_off() -> None:
-    settings = Settings.from_env({"TENANT_ID": "tenantb", "FAULT_ERROR_RATE": "", "FAULT_LATENCY_MS": " "})
-    assert settings == Settings(tenant_id="tenantb", app_version=__version__)
+    settings = Settings.from_env({"TENANT_ID": "tenantb", "FAULT_ERROR_RATE": "", "FAULT_LATENCY_MS": " ", **RAG_ENV})
+    assert settings == rag_settings(
+        tenant_id="tenantb", app_version=__version__, llm_models=(HAIKU, NOVA), index_retry_seconds=5.0, threads=None
+    )
+    assert (settings.retrieval_top_k, settings.fault_error_rate, settings.fault_latency_ms) == (3, 0, 0)
 
 
-VALID = {"TENANT_ID": "tenanta"}
+VALID = {"TENANT_ID": "tenanta", **RAG_ENV}
 
 
 @pytest.mark.parametrize(
     ("env", "problem"),
     [
-        pytest.param({}, "TENANT_ID is required", id="a missing TENANT_ID is refused"),
-        pytest.param({"TENANT_ID": "  "}, "TENANT_ID is required", id="a blank TENANT_ID is refused"),
-        pytest.param({"TENANT_ID": "Tenant_A"}, "TENANT_ID='Tenant_A'", id="a TENANT_ID that is no DNS label is refused"),
+        pytest.param(RAG_ENV, "TENANT_ID is required", id="a missing TENANT_ID is refused"),
+        pytest.param({**VALID, "TENANT_ID": "  "}, "TENANT_ID is required", id="a blank TENANT_ID is refused"),
+        pytest.param({**VALID, "TENANT_ID": "Tenant_A"}, "TENANT_ID='Tenant_A'", id="a TENANT_ID that is no DNS label is refused"),
         pytest.param({**VALID, "TENANT_HOST": "bad host"}, "TENANT_HOST='bad host'", id="a TENANT_HOST that is no hostname is refused"),
         pytest.param({**VALID, "APP_VERSION": "1 0"}, "APP_VERSION='1 0'", id="an APP_VERSION with a space is refused"),
         pytest.param({**VALID, "FAULT_ERROR_RATE": "1.5"}, "FAULT_ERROR_RATE='1.5'", id="an error rate above 1 is refused"),
@@ -517,6 +584,25 @@ VALID = {"TENANT_ID": "tenanta"}
         pytest.param({**VALID, "FAULT_LATENCY_MS": "1.5"}, "FAULT_LATENCY_MS='1.5'", id="a fractional latency is refused"),
         pytest.param({**VALID, "FAULT_LATENCY_MS": "9999999"}, "FAULT_LATENCY_MS='9999999'", id="a latency over 10 minutes is refused"),
         pytest.param({**VALID, "FAULT_CRASH_ON_START": "yes"}, "FAULT_CRASH_ON_START='yes'", id="a crash flag other than true or false is refused"),
+        pytest.param({**VALID, "DOCUMENTS_BUCKET": ""}, "DOCUMENTS_BUCKET is required", id="a missing bucket is refused"),
+        pytest.param({**VALID, "DOCUMENTS_BUCKET": "Docs_Bucket"}, "DOCUMENTS_BUCKET='Docs_Bucket'", id="a bucket name with capitals is refused"),
+        pytest.param({**VALID, "DOCUMENTS_PREFIX": "tenanta"}, "DOCUMENTS_PREFIX='tenanta'", id="a prefix without a trailing slash is refused"),
+        pytest.param({**VALID, "DOCUMENTS_PREFIX": "/tenanta/"}, "DOCUMENTS_PREFIX='/tenanta/'", id="a prefix with a leading slash is refused"),
+        pytest.param({k: v for k, v in VALID.items() if k != "SESSIONS_TABLE"}, "SESSIONS_TABLE is required", id="a missing sessions table is refused"),
+        pytest.param({**VALID, "SESSIONS_TABLE": "t#1"}, "SESSIONS_TABLE='t#1'", id="a table name with '#' is refused"),
+        pytest.param({**VALID, "AWS_REGION": "moon"}, "AWS_REGION='moon'", id="a region that is no region is refused"),
+        pytest.param({**VALID, "LLM_MODELS": " "}, "LLM_MODELS is required", id="an empty model list is refused"),
+        pytest.param({**VALID, "LLM_MODELS": f"{HAIKU},,{NOVA}"}, "LLM_MODELS=", id="an empty model entry is refused"),
+        pytest.param({**VALID, "LLM_MODELS": "claude 3"}, "LLM_MODELS: 'claude 3'", id="a model id with a space is refused"),
+        pytest.param({**VALID, "LLM_MODELS": f"{HAIKU},{HAIKU}"}, "LLM_MODELS lists", id="a model listed twice is refused"),
+        pytest.param({**VALID, "EMBEDDING_MODELS": "all-mpnet-base-v2"}, "EMBEDDING_MODELS: 'all-mpnet-base-v2' is not a supported", id="an embedding model the image does not carry is refused"),
+        pytest.param({**VALID, "RETRIEVAL_TOP_K": "0"}, "RETRIEVAL_TOP_K='0'", id="top k 0 is refused"),
+        pytest.param({**VALID, "RETRIEVAL_TOP_K": "11"}, "RETRIEVAL_TOP_K='11'", id="top k 11 is refused"),
+        pytest.param({**VALID, "RETRIEVAL_TOP_K": "three"}, "RETRIEVAL_TOP_K='three'", id="a word as top k is refused"),
+        pytest.param({**VALID, "INDEX_RETRY_SECONDS": "0"}, "INDEX_RETRY_SECONDS='0'", id="a zero retry interval is refused"),
+        pytest.param({**VALID, "INDEX_RETRY_SECONDS": "inf"}, "INDEX_RETRY_SECONDS='inf'", id="an infinite retry interval is refused"),
+        pytest.param({**VALID, "INDEX_RETRY_SECONDS": "soon"}, "INDEX_RETRY_SECONDS='soon'", id="a word as retry interval is refused"),
+        pytest.param({**VALID, "OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0'", id="zero threads are refused"),
     ],
 )
 def test_settings_refuse_a_bad_value_naming_the_variable(env: dict[str, str], problem: str) -> None:
@@ -533,16 +619,28 @@ def test_settings_report_every_problem_at_once() -> None:
         "TENANT_ID",
         "FAULT_ERROR_RATE",
         "FAULT_CRASH_ON_START",
+        "DOCUMENTS_BUCKET",
+        "DOCUMENTS_PREFIX",
+        "SESSIONS_TABLE",
+        "AWS_REGION",
+        "LLM_MODELS",
+        "EMBEDDING_MODELS",
     ]
 
 
 # --- as a process --------------------------------------------------------------------------
 
 
+# Nothing listens on port 9 (discard): the process runs, its index stays unavailable.
+NO_AWS = {f"AWS_ENDPOINT_URL_{service}": "http://127.0.0.1:9" for service in ("S3", "DYNAMODB", "BEDROCK_RUNTIME")}
+
+
 def process_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"TENANT_ID", "TENANT_HOST", "APP_VERSION"}}
-    env = {k: v for k, v in env.items() if not k.startswith("FAULT_")}
+    ours = {"TENANT_ID", "TENANT_HOST", "APP_VERSION", "RETRIEVAL_TOP_K", "INDEX_RETRY_SECONDS", *RAG_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith(("FAULT_", "AWS_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(APPS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update({**RAG_ENV, **NO_AWS, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "OMP_NUM_THREADS": "1"})
     env.update(overrides)
     return env
 

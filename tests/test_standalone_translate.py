@@ -25,7 +25,9 @@ import yaml
 from fixtures.catalog import tenants as catalog
 from fixtures.manifests import render
 from fixtures.platform import Tenant
-from fixtures.standalone import subset
+from fixtures import schemas
+from fixtures.schemas import ISTIO_VERSIONS
+from fixtures.standalone import envoy_config, envoy_filters, faults, subset
 from fixtures.standalone.backend import StandalonePlatform, envoy_binary
 from fixtures.standalone.mesh import Policy, load_mesh
 from fixtures.standalone.rbac import JWT_FILTER, JWT_PAYLOAD_KEY, rbac_filters
@@ -161,17 +163,28 @@ spec:
   egress:
     - hosts: ["./*"]
 """
+# The pre-gatewayTopology way to enable PROXY protocol on the gateway, as implemented;
+# the refusals below each change one thing of it.
 ENVOY_FILTER = """apiVersion: networking.istio.io/v1alpha3
 kind: EnvoyFilter
 metadata:
   name: proxy-protocol
   namespace: istio-system
 spec:
+  workloadSelector:
+    labels:
+      istio: ingressgateway
   configPatches:
     - applyTo: LISTENER
+      match:
+        context: GATEWAY
       patch:
         operation: MERGE
-        value: {}
+        value:
+          listener_filters:
+            - name: envoy.filters.listener.proxy_protocol
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol
 """
 
 
@@ -227,9 +240,30 @@ BREAKAGES = [
              ("PeerAuthentication istio-system/default", "spec.mtls.mode", "'DISABLE'")),
     _with_kind(SIDECAR, "sidecar.yaml",
                ("Sidecar istio-system/default", "apiVersion/kind", "networking.istio.io/v1 Sidecar")),
-    _with_kind(ENVOY_FILTER, "envoy-filter.yaml",
-               ("EnvoyFilter istio-system/proxy-protocol", "apiVersion/kind",
-                "networking.istio.io/v1alpha3 EnvoyFilter")),
+    *(Breakage(f"an EnvoyFilter {what}", "mesh/kustomization.yaml", "  - peer-authentication.yaml\n",
+               "  - peer-authentication.yaml\n  - envoy-filter.yaml\n",
+               ("EnvoyFilter istio-system/proxy-protocol", *names),
+               {"mesh/envoy-filter.yaml": ENVOY_FILTER.replace(*edit)})
+      for what, edit, names in [
+          ("without workloadSelector", ("  workloadSelector:\n    labels:\n      istio: ingressgateway\n", ""),
+           ("spec.workloadSelector", "patches every proxy")),
+          ("selecting sidecars", ("istio: ingressgateway", "app: rag-api"),
+           ("spec.workloadSelector", "selects tenanta/rag-api")),
+          ("selecting no workload", ("istio: ingressgateway", "istio: egressgateway"),
+           ("spec.workloadSelector", "selects no workload")),
+          ("patching an HTTP filter", ("applyTo: LISTENER", "applyTo: HTTP_FILTER"),
+           ("spec.configPatches[0].applyTo", "'HTTP_FILTER'")),
+          ("for sidecar inbound listeners", ("context: GATEWAY", "context: SIDECAR_INBOUND"),
+           ("spec.configPatches[0].match.context", "'SIDECAR_INBOUND'")),
+          ("inserting first", ("operation: MERGE", "operation: INSERT_FIRST"),
+           ("spec.configPatches[0].patch.operation", "'INSERT_FIRST'")),
+          ("merging another listener field", ("          listener_filters:", "          per_connection_buffer_limit_bytes: 1024\n          listener_filters:"),
+           ("spec.configPatches[0].patch.value.per_connection_buffer_limit_bytes",)),
+          ("adding another listener filter", ("name: envoy.filters.listener.proxy_protocol", "name: envoy.filters.listener.http_inspector"),
+           ("spec.configPatches[0].patch.value.listener_filters[0].name", "'envoy.filters.listener.http_inspector'")),
+          ("whose typed_config is another filter's", ("proxy_protocol.v3.ProxyProtocol", "tls_inspector.v3.TlsInspector"),
+           ("spec.configPatches[0].patch.value.listener_filters[0].typed_config.@type", "not the type of")),
+      ]),
     Breakage("an unknown top-level proxy.istio.io/config key", "mesh/gateway/ingress-gateway.yaml",
              PROXY_CONFIG, PROXY_CONFIG[:-1] + ',"holdApplicationUntilProxyStarts":true}',
              ("Deployment istio-system/istio-ingressgateway",
@@ -630,3 +664,100 @@ def test_gateway_routes_tenant_api_to_its_rag_api_over_its_own_mtls(prepared: St
             assert prepared.pki.namespace_ca[other.namespace].cert_pem not in trusted.read_bytes()
     assert validation["match_typed_subject_alt_names"] == [
         {"san_type": "URI", "matcher": {"exact": f"spiffe://cluster.local/ns/{tenant.namespace}/sa/rag-api"}}]
+
+
+# --- EnvoyFilter: PROXY protocol on the gateway the pre-gatewayTopology way ----------------
+
+PP, TLS = "envoy.filters.listener.proxy_protocol", "envoy.filters.listener.tls_inspector"
+WITHOUT_PP = '{"gatewayTopology":{"numTrustedProxies":0}}'
+
+
+def _with_envoy_filter(tmp_path: Path, envoy_filter: str, *, annotation: str = PROXY_CONFIG) -> Path:
+    """A copy of the platform with ``envoy_filter`` among the gateway's resources and the
+    gateway's proxy.istio.io/config set to ``annotation``."""
+    copy = copy_platform(tmp_path)
+    (copy / "mesh/gateway/envoy-filter.yaml").write_text(envoy_filter)
+    replace_once(copy / "mesh/gateway/kustomization.yaml", "  - gateway.yaml\n", "  - gateway.yaml\n  - envoy-filter.yaml\n")
+    if annotation != PROXY_CONFIG:
+        replace_once(copy / "mesh/gateway/ingress-gateway.yaml", PROXY_CONFIG, annotation)
+    return copy
+
+
+@dataclass(frozen=True)
+class ListenerCase:
+    what: str
+    envoy_filter: str
+    annotation: str
+    filters: tuple[tuple[str, bool], ...]  # (name, has typed_config), in order
+
+    def __str__(self) -> str:
+        return f"{self.what}: {' -> '.join(n.rsplit('.', 1)[-1] + ('' if typed else ' (no typed_config)') for n, typed in self.filters)}"
+
+
+LISTENER_CASES = [
+    ListenerCase("annotation and EnvoyFilter together", ENVOY_FILTER, PROXY_CONFIG,
+                 ((PP, True), (TLS, True), (PP, True))),
+    ListenerCase("EnvoyFilter instead of the annotation", ENVOY_FILTER, WITHOUT_PP, ((TLS, True), (PP, True))),
+    ListenerCase("EnvoyFilter without typed_config instead of the annotation",
+                 re.sub(r"\n\s+typed_config:\n\s+\"@type\": \S+", "", ENVOY_FILTER), WITHOUT_PP,
+                 ((TLS, True), (PP, False))),
+]
+
+
+@pytest.mark.parametrize("case", LISTENER_CASES, ids=str)
+def test_envoy_filter_merge_appends_listener_filters(case: ListenerCase, tmp_path: Path) -> None:
+    plat = StandalonePlatform(_with_envoy_filter(tmp_path, case.envoy_filter, annotation=case.annotation)).prepare()
+    try:
+        _, listener = _gateway(plat)
+        assert [(f["name"], "typed_config" in f) for f in listener["listener_filters"]] == list(case.filters)
+        assert envoy_config.gateway_parses_proxy_protocol(plat.model)
+        result = validate(plat.configs[plat.model.gateway_workload.key])
+        if all(typed for _, typed in case.filters):
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        else:  # what the gateway NACKs in the field: Envoy no longer finds a filter by name
+            assert result.returncode != 0
+            assert f"Didn't find a registered implementation for '{PP}'" in result.stdout + result.stderr
+    finally:
+        shutil.rmtree(plat.run_dir, ignore_errors=True)
+
+
+def test_gateway_without_proxy_protocol_does_not_parse_it(tmp_path: Path) -> None:
+    copy = copy_platform(tmp_path)
+    replace_once(copy / "mesh/gateway/ingress-gateway.yaml", PROXY_CONFIG, WITHOUT_PP)
+    assert not envoy_config.gateway_parses_proxy_protocol(load_mesh(render(copy, "standalone")))
+    assert envoy_config.gateway_parses_proxy_protocol(load_mesh(render(PLATFORM, "standalone")))  # control
+
+
+@pytest.mark.parametrize("istio", ISTIO_VERSIONS)
+def test_implemented_envoy_filter_is_valid_for_istio(istio: str, tmp_path: Path) -> None:
+    docs = render(_with_envoy_filter(tmp_path, ENVOY_FILTER), "standalone")
+    [envoy_filter] = [d for d in docs if d["kind"] == "EnvoyFilter"]
+    assert schemas.validate([envoy_filter], overlay="standalone", istio_version=istio) == []
+    # Control: the same document with a value the CRD does not allow is an error.
+    broken = {**envoy_filter, "spec": {**envoy_filter["spec"], "configPatches": [
+        {**envoy_filter["spec"]["configPatches"][0], "applyTo": "LISTENERS"}]}}
+    assert schemas.validate([broken], overlay="standalone", istio_version=istio)
+
+
+@pytest.mark.parametrize("typed_config", [True, False], ids=["typed", "by name only"])
+def test_the_faults_envoy_filter_is_valid_and_implemented(typed_config: bool, prepared: StandalonePlatform) -> None:
+    envoy_filter = faults.proxy_protocol_envoy_filter(prepared, typed_config=typed_config)
+    for istio in ISTIO_VERSIONS:
+        assert schemas.validate([envoy_filter], overlay="standalone", istio_version=istio) == []
+    model = load_mesh(prepared.manifests() + [envoy_filter])
+    [(ref, value)] = envoy_filters.gateway_listener_patches(model, model.gateway_workload)
+    assert ref == "EnvoyFilter istio-system/proxy-protocol spec.configPatches[0]"
+    assert [f["name"] for f in value["listener_filters"]] == [PP]
+
+
+@pytest.mark.parametrize("version", sorted(subset.TLS_VERSIONS))
+def test_gateway_minimum_tls_version_reaches_the_listener(version: str, tmp_path: Path) -> None:
+    copy = copy_platform(tmp_path)
+    replace_once(copy / "mesh/gateway/gateway.yaml", "minProtocolVersion: TLSV1_2", f"minProtocolVersion: {version}")
+    plat = StandalonePlatform(copy).prepare()
+    try:
+        _, listener = _gateway(plat)
+        tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]["tls_params"]
+        assert tls["tls_minimum_protocol_version"] == version.replace("TLSV", "TLSv")
+    finally:
+        shutil.rmtree(plat.run_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ no stored keys; a manual Istio gate taking the target version)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,41 @@ def test_the_gate_is_manual_and_takes_the_target_version():
     text = runs(gate)
     assert "make istio-gate BACKEND=kind" in text and "${{" not in text  # the input reaches run via env only
     assert all(uploads_on_failure(job) for job in gate["jobs"].values())
+
+
+def make_prerequisites() -> dict[str, set[str]]:
+    """Makefile target -> the targets it depends on, transitively (variables like
+    $(STAMP) are not targets and are left out)."""
+    direct: dict[str, list[str]] = {}
+    for line in (REPO / "Makefile").read_text().splitlines():
+        m = re.match(r"^([a-zA-Z][\w-]*):(?!=)\s*([^#]*)", line)
+        if m:
+            direct[m.group(1)] = [d for d in m.group(2).split() if not d.startswith("$")]
+
+    def closure(target: str, seen: set[str]) -> set[str]:
+        for dep in direct.get(target, []):
+            if dep not in seen:
+                seen.add(dep)
+                closure(dep, seen)
+        return seen
+
+    return {target: closure(target, set()) for target in direct}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_make_targets_that_need_system_packages_get_them_first(path):
+    """`make system-deps` installs Debian packages and needs root: a target that depends on
+    it fails on a runner unless an earlier step ran `sudo make system-deps`."""
+    needs = {t for t, deps in make_prerequisites().items() if "system-deps" in deps}
+    assert {"test", "istio-gate"} <= needs  # the rule below is about something real
+    for name, job in load(path.name)["jobs"].items():
+        installed = False
+        for step in job["steps"]:
+            run = step.get("run", "")
+            if re.search(r"^sudo make system-deps\b", run, re.M):
+                installed = True
+            for target in re.findall(r"^make ([a-z][\w-]*)", run, re.M):
+                assert target not in needs or installed, (
+                    f"{path.name} job {name}: `make {target}` needs the system packages (make system-deps, as "
+                    "root) and no earlier step runs `sudo make system-deps`")
+

@@ -7,10 +7,15 @@ must have a Flux Kustomization in platform/gitops whose spec.path is that folder
 missing from one overlay would silently never be tested on that backend, or never be
 deployed. Also reported: entries that name a tenant folder that does not exist.
 
+Every tenant folder must also have a corpus (corpus/*.md and corpus/questions.yaml whose
+`markers` list holds exactly one marker of each document), and a tenant's markers must be
+its own: listed by no other tenant and found in no file of another tenant's corpus. The
+markers are how the RAG suites see an answer built from the wrong tenant's documents.
+
     python platform/tools/check_catalog.py [--platform-dir DIR]
 
 Exit status 0 when the catalog is complete, 1 with one line per problem otherwise.
-Reads the kustomization files only (stdlib + PyYAML, no kubectl).
+Reads the kustomization and corpus files only (stdlib + PyYAML, no kubectl).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ KUSTOMIZATION = "kustomization.yaml"
 FLUX_KUSTOMIZE_GROUP = "kustomize.toolkit.fluxcd.io/"
 #: Where the GitRepository has this folder: Flux paths are ./platform/...
 REPO_PLATFORM_PATH = PurePosixPath("platform")
+CORPUS = "corpus"
+QUESTIONS = "questions.yaml"
 
 
 def tenant_folders(platform_dir: Path) -> list[str]:
@@ -126,9 +133,61 @@ def _flux_tenant(platform_dir: Path, obj: dict) -> str | None:
     return _tenant_of(platform_dir, platform_dir.joinpath(*parts[1:]))
 
 
+def _corpus(platform_dir: Path, tenant: str, out: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(file name -> text of the tenant's corpus folder, its markers); problems go to `out`."""
+    folder = platform_dir / "tenants" / tenant / CORPUS
+    if not folder.is_dir():
+        out.append(f"corpus: tenant folder tenants/{tenant} has no {CORPUS}/ folder")
+        return {}, []
+    files = {p.name: p.read_text(errors="replace") for p in sorted(folder.iterdir()) if p.is_file()}
+    documents = [name for name in files if name.endswith(".md")]
+    if not documents:
+        out.append(f"corpus: tenants/{tenant} has no documents ({CORPUS}/*.md)")
+    try:
+        data = yaml.safe_load(files.get(QUESTIONS, ""))
+    except yaml.YAMLError as exc:
+        out.append(f"corpus: tenants/{tenant} {CORPUS}/{QUESTIONS} is not valid YAML: {exc}")
+        return files, []
+    markers = data.get("markers") if isinstance(data, dict) else None
+    if not isinstance(markers, list) or not markers or not all(isinstance(m, str) and m for m in markers):
+        out.append(f"corpus: tenants/{tenant} has no list of markers in {CORPUS}/{QUESTIONS}")
+        return files, []
+    for name in documents:
+        held = [m for m in markers if m in files[name]]
+        if len(held) != 1:
+            out.append(f"corpus: tenants/{tenant} {CORPUS}/{name} holds {len(held)} markers, not exactly one")
+    for marker in markers:
+        if not any(marker in files[name] for name in documents):
+            out.append(f"corpus: tenants/{tenant} marker {marker} is in none of its documents")
+    return files, markers
+
+
+def corpus_problems(platform_dir: Path) -> list[str]:
+    """One sentence per tenant without a well-formed corpus, and per marker that is not its
+    tenant's alone (listed by another tenant, or found in another tenant's corpus)."""
+    out: list[str] = []
+    corpora = {t: _corpus(platform_dir, t, out) for t in tenant_folders(platform_dir)}
+    owners: dict[str, list[str]] = {}
+    for tenant, (_, markers) in corpora.items():
+        for marker in markers:
+            owners.setdefault(marker, []).append(tenant)
+    for marker, tenants in sorted(owners.items()):
+        if len(tenants) > 1:
+            out.append(f"corpus: marker {marker} is listed by " + " and ".join(f"tenants/{t}" for t in tenants))
+    for tenant, (_, markers) in corpora.items():
+        for other, (files, _) in corpora.items():
+            if other == tenant:
+                continue
+            for name, text in files.items():
+                for marker in markers:
+                    if marker in text:
+                        out.append(f"corpus: marker {marker} of tenants/{tenant} appears in tenants/{other} {CORPUS}/{name}")
+    return out
+
+
 def problems(platform_dir: Path) -> list[str]:
-    """One sentence per tenant folder missing from an overlay or from GitOps, and per
-    entry naming a tenant folder that does not exist."""
+    """One sentence per tenant folder missing from an overlay or from GitOps, per entry
+    naming a tenant folder that does not exist, and per corpus problem (corpus_problems)."""
     platform_dir = Path(platform_dir)
     folders = set(tenant_folders(platform_dir))
     out: list[str] = []
@@ -140,7 +199,7 @@ def problems(platform_dir: Path) -> list[str]:
             out.append(f"{label}: tenant folder tenants/{tenant} is not listed in {shown}")
         for tenant in sorted(listed - folders):
             out.append(f"{label}: {shown} lists tenants/{tenant}, which is not a tenant folder")
-    return out
+    return out + corpus_problems(platform_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in found:
         print(line, file=sys.stderr)
     if not found:
-        print(f"catalog complete: {len(tenant_folders(args.platform_dir))} tenants in every overlay and in gitops")
+        print(f"catalog complete: {len(tenant_folders(args.platform_dir))} tenants in every overlay and in gitops, "
+              "each with a corpus of its own")
     return 1 if found else 0
 
 

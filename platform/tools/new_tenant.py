@@ -7,15 +7,18 @@
 Writes platform/tenants/NAME/ from platform/tenants/_template/, then adds the tenant to
 the `resources` of every platform/overlays/*/kustomization.yaml and writes its Flux
 Kustomization (platform/gitops/tenants/NAME.yaml from _template.yaml there, listed in
-that folder's kustomization.yaml). Lists are edited as text, so comments and layout stay;
-an entry that is already there is left alone.
+that folder's kustomization.yaml). For the conformance suite it adds the suite's
+RoleBindings in namespace NAME (platform/suite-rbac) and the password variables of NAME's
+test users to the nightly EKS workflow (.github/workflows/nightly-eks.yml beside the
+platform folder, names from fixtures/eks/users.yaml; see suite_wiring.py). Files are
+edited as text, so comments and layout stay; an entry that is already there is left alone.
 
 Without --user-pool-id/--client-id, ids in Cognito's formats are derived from the name
 (the same name gives the same ids; they never repeat another tenant's). Pass the real
 ids of the tenant's user pool and app client for a cluster that uses real Cognito.
 
 Exit status: 0 when the tenant was added, 2 when NAME or an id is invalid, 1 when the
-tenant already exists or the platform folder cannot be edited; nothing is written then.
+tenant already exists or a file to edit has an unexpected shape; nothing is written then.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 import yaml
 
 import check_catalog
+import suite_wiring
 
 PLATFORM_DIR = Path(__file__).resolve().parents[1]
 TEMPLATE = "_template"
@@ -255,8 +259,9 @@ def render_template(path: Path, tenant: Tenant) -> str:
         raise Refused(f"{path}: unknown or malformed placeholder {exc}") from exc
 
 
-def plan(platform_dir: Path, tenant: Tenant) -> tuple[dict[Path, str], dict[Path, str]]:
-    """(tenant folder files relative to it, other files to write) as path -> text."""
+def plan(platform_dir: Path, tenant: Tenant, notes: list[str] | None = None) -> tuple[dict[Path, str], dict[Path, str]]:
+    """(tenant folder files relative to it, other files to write) as path -> text;
+    what the person running it must still do is appended to ``notes``."""
     template_dir = platform_dir / "tenants" / TEMPLATE
     if not template_dir.is_dir():
         raise Refused(f"no tenant template at {template_dir}")
@@ -282,11 +287,20 @@ def plan(platform_dir: Path, tenant: Tenant) -> tuple[dict[Path, str], dict[Path
     text = with_resource(gitops_dir / check_catalog.KUSTOMIZATION, gitops_file.name)
     if text is not None:
         others[gitops_dir / check_catalog.KUSTOMIZATION] = text
+    try:
+        suite_files, suite_notes = suite_wiring.edits(platform_dir, tenant.name)
+    except suite_wiring.ShapeError as exc:
+        raise Refused(str(exc)) from None
+    others.update(suite_files)
+    if notes is not None:
+        notes.extend(suite_notes)
     return folder, others
 
 
-def add_tenant(platform_dir: Path, name: str, user_pool_id: str | None, client_id: str | None) -> tuple[Tenant, list[Path]]:
-    """Write the tenant; returns it and the paths written. Refuses before writing anything."""
+def add_tenant(platform_dir: Path, name: str, user_pool_id: str | None, client_id: str | None,
+               notes: list[str] | None = None) -> tuple[Tenant, list[Path]]:
+    """Write the tenant; returns it and the paths written (``notes`` gets what is left to
+    do by hand). Refuses before writing anything."""
     if not (platform_dir / "tenants").is_dir():
         raise Refused(f"{platform_dir} is not a platform folder (no tenants/ in it)")
     check_name(name, platform_dir)
@@ -298,7 +312,7 @@ def add_tenant(platform_dir: Path, name: str, user_pool_id: str | None, client_i
         if data.get("name") == name or data.get("host") == f"{name}.{DOMAIN}":
             raise Refused(f"tenant {name!r} already exists as tenants/{folder}")
     tenant = choose_ids(name, user_pool_id, client_id, others)
-    folder_files, other_files = plan(platform_dir, tenant)
+    folder_files, other_files = plan(platform_dir, tenant, notes)
 
     # The tenant folder appears whole or not at all.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=tenant_dir.parent))
@@ -327,14 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-id", help="the tenant's Cognito app client id")
     args = parser.parse_args(argv)
     platform_dir = args.platform_dir.resolve()
+    notes: list[str] = []
     try:
-        tenant, written = add_tenant(platform_dir, args.name, args.user_pool_id, args.client_id)
+        tenant, written = add_tenant(platform_dir, args.name, args.user_pool_id, args.client_id, notes)
     except Refused as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return exc.status
     print(f"tenant {tenant.name}: host {tenant.host}, user pool {tenant.user_pool_id}, app client {tenant.client_id}")
     for path in written:
-        print(f"  wrote {path.relative_to(platform_dir).as_posix()}")
+        # relative to the repository: the nightly workflow lies beside the platform folder
+        print(f"  wrote {path.relative_to(platform_dir.parent).as_posix()}")
+    for note in notes:
+        print(f"  to do: {note}")
     remaining = check_catalog.problems(platform_dir)
     for line in remaining:
         print(f"{parser.prog}: warning: {line}", file=sys.stderr)

@@ -24,6 +24,7 @@ import pytest
 from fixtures import diagnose
 from fixtures import proxy_protocol as pp
 from fixtures.platform import user_headers
+from fixtures.report import record
 from fixtures.wait import eventually
 
 pytestmark = pytest.mark.standalone_required
@@ -71,11 +72,13 @@ ACCEPTED = [
 
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=str)
-def test_proxy_header_is_accepted_and_its_client_address_reaches_workload_and_log(platform, tenant, case):
+def test_proxy_header_is_accepted_and_its_client_address_reaches_workload_and_log(platform, tenant, case, request):
     gw = platform.gateway()
     path = f"/api/whoami?probe={uuid.uuid4().hex}"
     res = diagnose.exchange(gw, tenant.host, path, preamble=case.build(case.client, gw.address[1]), slow=case.slow,
                             headers=user_headers(tenant, platform.idp(tenant).token()), sent=case.name)
+    record(request.node, "proxy_protocol", group="accepted", case=case.name, tenant=tenant,
+           expected=f"HTTP 200, client {case.client[0]} seen by the workload and the access log", got=res)
     who = json.loads(res.expect_http(200).body)
     assert (who["tenant"], who["client_address"], who["external_address"]) == (
         tenant.name, case.client[0], case.client[0]), f"{res}: {who}"
@@ -117,13 +120,15 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("case", MALFORMED, ids=str)
-def test_bad_proxy_header_closes_the_connection_and_reaches_no_workload(platform, tenant, case):
+def test_bad_proxy_header_closes_the_connection_and_reaches_no_workload(platform, tenant, case, request):
     gw = platform.gateway()
     headers = user_headers(tenant, platform.idp(tenant).token())
     _control(platform, tenant, headers)
     before = diagnose.Counters(gw.stats())
     res = diagnose.exchange(gw, tenant.host, preamble=case.data, then=case.then, slow=case.slow,
                             headers=headers, sent=case.name)
+    record(request.node, "proxy_protocol", group="malformed", case=case.name, tenant=tenant,
+           expected="connection closed, nothing forwarded", got=res)
     res.expect_closed()
     moved = diagnose.Counters(gw.stats()) - before
     assert (moved.tls_handshakes, moved.http_requests, moved.upstream_requests) == (0, 0, 0), \
@@ -164,8 +169,10 @@ def _whoami(platform, tenant, extra: dict, client=CLIENT) -> dict:
 
 
 @pytest.mark.parametrize("case", SPOOFS, ids=str)
-def test_client_forwarding_headers_are_not_trusted(platform, tenant, case):
+def test_client_forwarding_headers_are_not_trusted(platform, tenant, case, request):
     who = _whoami(platform, tenant, case.headers)
+    record(request.node, "proxy_protocol", group="forwarding headers", case=case.name, tenant=tenant,
+           expected=f"client address {CLIENT[0]}", got=f"client address {who.get('external_address')}")
     claimed = [e.strip() for e in case.headers.get("x-forwarded-for", "").split(",") if e.strip()]
     assert who["external_address"] == CLIENT[0], who
     assert who["client_address"] == CLIENT[0], who

@@ -16,6 +16,7 @@ import pytest
 from fixtures import diagnose
 from fixtures.diagnose import Finding
 from fixtures.platform import user_headers
+from fixtures.report import record
 
 pytestmark = pytest.mark.standalone_required
 
@@ -49,7 +50,7 @@ FAILURES = [
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("case", FAILURES, ids=str)
-def test_field_failure_is_named_by_the_diagnosis(platform, case):
+def test_field_failure_is_named_by_the_diagnosis(platform, case, request):
     tenant = platform.tenants[0]
     gw = platform.gateway()
     headers = user_headers(tenant, platform.idp(tenant).token())
@@ -59,6 +60,8 @@ def test_field_failure_is_named_by_the_diagnosis(platform, case):
         # What the control plane reports of a rejected configuration (istiod: the NACK).
         proxy_log = "\n".join((getattr(fault, "rejected", None) or {}).values())
         found = diagnose.diagnose(gw, tenant.host, headers=headers, proxy_log=proxy_log)
+        record(request.node, "proxy_protocol", group="field failure", case=case.fault, tenant=tenant,
+               expected=case.finding, got=found.verdict)
         assert found.finding is case.finding, str(found)
         assert case.says in found.verdict, str(found)
         if case.still_served == "no PROXY header":
@@ -71,7 +74,7 @@ def test_field_failure_is_named_by_the_diagnosis(platform, case):
     assert after.finding is Finding.STRICT, f"after the fault was reverted:\n{after}"
 
 
-def test_strict_parsing_refuses_in_cluster_callers_without_a_header(platform, tenant):
+def test_strict_parsing_refuses_in_cluster_callers_without_a_header(platform, tenant, request):
     """Not a misconfiguration but its consequence: a caller inside the cluster that talks
     to the gateway service directly (an OAuth callback, a health check) sends no PROXY
     header, and the strict gateway closes its connection."""
@@ -79,7 +82,10 @@ def test_strict_parsing_refuses_in_cluster_callers_without_a_header(platform, te
     headers = user_headers(tenant, platform.idp(tenant).token())
     diagnose.exchange(gw, tenant.host, preamble=diagnose.lb_header(gw), headers=headers,
                       sent="control: via the load balancer").expect_http(200)
-    diagnose.exchange(gw, tenant.host, headers=headers, sent="in-cluster caller, no PROXY header").expect_closed()
+    res = diagnose.exchange(gw, tenant.host, headers=headers, sent="in-cluster caller, no PROXY header")
+    record(request.node, "proxy_protocol", group="in-cluster caller", case="no PROXY header", tenant=tenant,
+           expected="connection closed (strict PROXY protocol)", got=res)
+    res.expect_closed()
     found = diagnose.diagnose(gw, tenant.host, headers=headers)
     assert found.finding is Finding.STRICT, str(found)
     assert "gateway requires PROXY protocol: client sent no PROXY header, TLS handshake failed" in found.verdict, \

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.platform import MissingCapability, Outcome
+from fixtures.report import record
 from suites.isolation.probes import (APPS, GATEWAY_IDENTITY, GATEWAY_PATH, MESH_PATH, expect_caller_seen,
                                      other_app, service, spiffe, user, via_gateway)
 
@@ -52,13 +53,15 @@ def positive_control(platform, tenant, app: str, headers: dict):
 
 
 @pytest.mark.parametrize("hop", HOPS, ids=[f"{s} calls {d}" for s, d in HOPS])
-def test_workload_to_workload(platform, tenant_pair, hop):
+def test_workload_to_workload(platform, tenant_pair, hop, request):
     src, dst = tenant_pair
     src_app, dst_app = hop
     headers = user(platform, dst)
     positive_control(platform, dst, dst_app, headers)
     res = platform.workload(src, src_app).call(service(dst, dst_app), MESH_PATH[dst_app], headers=headers)
     want = expected(platform, src, dst)
+    record(request.node, "reachability", caller=f"{src}/{src_app}", target=f"{dst}/{dst_app}", expected=want,
+           result=res)
     res.expect(want)
     if want is Outcome.OK and dst_app == "rag-api":
         expect_caller_seen(res, spiffe(src, src_app))
@@ -68,8 +71,9 @@ def test_workload_to_workload(platform, tenant_pair, hop):
 
 
 @pytest.mark.parametrize("app", APPS, ids=[f"gateway calls {a}" for a in APPS])
-def test_gateway_to_workload(platform, tenant, app):
+def test_gateway_to_workload(platform, tenant, app, request):
     res = via_gateway(platform, tenant, user(platform, tenant), GATEWAY_PATH[app])
+    record(request.node, "reachability", caller="gateway", target=f"{tenant}/{app}", expected=Outcome.OK, result=res)
     res.expect(Outcome.OK)
     if app == "rag-api":
         who = expect_caller_seen(res, GATEWAY_IDENTITY)
@@ -83,7 +87,10 @@ OUTSIDE = [(False, Outcome.TLS_REFUSED), (True, Outcome.RESET)]
 @pytest.mark.parametrize("plaintext,outcome", OUTSIDE,
                          ids=["outside over TLS without a client certificate is refused at the handshake",
                               "outside in plaintext is reset (no plaintext listener under STRICT mTLS)"])
-def test_caller_without_mesh_identity_is_refused(platform, tenant, app, plaintext, outcome):
+def test_caller_without_mesh_identity_is_refused(platform, tenant, app, plaintext, outcome, request):
     headers = user(platform, tenant)
     positive_control(platform, tenant, app, headers)
-    platform.outside(plaintext=plaintext).call(service(tenant, app), MESH_PATH[app], headers=headers).expect(outcome)
+    res = platform.outside(plaintext=plaintext).call(service(tenant, app), MESH_PATH[app], headers=headers)
+    record(request.node, "reachability", caller="outside-plaintext" if plaintext else "outside-tls",
+           target=f"{tenant}/{app}", expected=outcome, result=res)
+    res.expect(outcome)

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from fixtures import tokens
 from fixtures.platform import Outcome
+from fixtures.report import record
 from fixtures.wait import eventually
 from suites.isolation.jwt_cases import CROSS_CASES, GATEWAY_CASES, WORKLOAD_CASES, Ctx, Sent
-from suites.isolation.probes import expect_at, expect_denied, service, via_gateway
+from suites.isolation.probes import decided_at, expect_at, expect_denied, service, via_gateway
 
 pytestmark = pytest.mark.standalone_required
 
@@ -39,12 +40,14 @@ def _from_own_app_ui(platform, tenant, sent):
 
 
 @pytest.mark.parametrize("case", GATEWAY_CASES, ids=str)
-def test_token_at_the_gateway(platform, requires, tenant, case, attacker_jwks):
+def test_token_at_the_gateway(platform, requires, tenant, case, attacker_jwks, request):
     _needs(requires, case)
     ctx = Ctx(platform, tenant, jku_url=attacker_jwks.url)
     expect_at(via_gateway(platform, tenant, ctx.headers(ctx.token)), Outcome.OK, "workload")
     sent = case.build(ctx)
     res = via_gateway(platform, tenant, sent.headers, sent.path)
+    record(request.node, "jwt", tenant=tenant, case=case.name, at="gateway", expected=case.expect,
+           expected_at=case.at if case.expect is not Outcome.OK else "workload", result=res, decided_at=decided_at(res))
     expect_at(res, case.expect, case.at if case.expect is not Outcome.OK else "workload")
     if case.expect is Outcome.OK:
         assert res.json()["claims"]["custom:tenantid"] == tenant.name, res.describe()
@@ -52,26 +55,34 @@ def test_token_at_the_gateway(platform, requires, tenant, case, attacker_jwks):
 
 
 @pytest.mark.parametrize("case", WORKLOAD_CASES, ids=str)
-def test_token_at_the_workload(platform, requires, tenant, case):
+def test_token_at_the_workload(platform, requires, tenant, case, request):
     _needs(requires, case)
     ctx = Ctx(platform, tenant)
     _from_own_app_ui(platform, tenant, Sent(ctx.headers(ctx.token))).expect(Outcome.OK)
     res = _from_own_app_ui(platform, tenant, case.build(ctx))
+    record(request.node, "jwt", tenant=tenant, case=case.name, at="workload", expected=case.expect,
+           expected_at="workload", result=res)
     res.expect(case.expect)
 
 
 @pytest.mark.parametrize("case", CROSS_CASES, ids=str)
-def test_other_tenants_token(platform, requires, cross_tenant_pair, case):
+def test_other_tenants_token(platform, requires, cross_tenant_pair, case, request):
     src, dst = cross_tenant_pair
     _needs(requires, case)
     src_ctx, dst_ctx = Ctx(platform, src), Ctx(platform, dst)
     sent = case.build(src_ctx, dst)
     if case.at == "workload":
         _from_own_app_ui(platform, dst, Sent(dst_ctx.headers(dst_ctx.token))).expect(Outcome.OK)
-        _from_own_app_ui(platform, dst, sent).expect(case.expect)
+        res = _from_own_app_ui(platform, dst, sent)
+        record(request.node, "jwt", tenant=dst, from_tenant=src, case=case.name, at="workload",
+               expected=case.expect, expected_at="workload", result=res)
+        res.expect(case.expect)
         return
     expect_at(via_gateway(platform, dst, dst_ctx.headers(dst_ctx.token)), Outcome.OK, "workload")
-    expect_at(via_gateway(platform, dst, sent.headers, sent.path), case.expect, case.at)
+    res = via_gateway(platform, dst, sent.headers, sent.path)
+    record(request.node, "jwt", tenant=dst, from_tenant=src, case=case.name, at="gateway", expected=case.expect,
+           expected_at=case.at, result=res, decided_at=decided_at(res))
+    expect_at(res, case.expect, case.at)
 
 
 # -- property: a real token, changed in any way, never gets through ---------------------------

@@ -15,6 +15,7 @@ import pytest
 from fixtures.flagger import Rollout
 from fixtures.load import MAX_RUN_TIME_S, LoadRun, LoadSpec, Target
 from fixtures.platform import Tenant, user_headers
+from fixtures.report import record
 from suites.rollout import timeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,4 +50,6 @@ def report(request: pytest.FixtureRequest):
     out = Path(xml).resolve().parent if xml else REPO / "reports"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_")
     for i, (rollout, records) in enumerate(entries):
-        timeline.write(out / f"rollout-{name}{'-' + str(i) if i else ''}", rollout, records)
+        written = timeline.write(out / f"rollout-{name}{'-' + str(i) if i else ''}", rollout, records)
+        record(request.node, "rollout", canary=rollout.spec.ref, version=rollout.version, phase=rollout.status.phase,
+               timeline=written[0], png=written[1] if len(written) > 1 else None)

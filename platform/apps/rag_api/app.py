@@ -17,10 +17,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from rag_api import identity, logs, xfcc
+from rag_api import identity, logs, rag, xfcc
+from rag_api.aws import Backends
 from rag_api.config import ConfigError, Settings
 from rag_api.faults import FaultInjection
+from rag_api.loader import Loader
 from rag_api.readiness import Readiness
+from rag_api.service import RagService
+from rag_api.sessions import SessionStore
 
 CONFIG_ERROR_EXIT = 2
 
@@ -64,15 +68,21 @@ class Whoami(BaseModel):
     """x-request-id."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; without ``settings`` they are read from ``os.environ``.
+def create_app(settings: Settings | None = None, *, backends: Backends | None = None) -> FastAPI:
+    """Build the app; without ``settings`` they are read from ``os.environ``, without
+    ``backends`` the AWS clients and the embedding model are the real ones.
 
     Raises ``ConfigError`` when the environment is invalid.
     """
     settings = settings if settings is not None else Settings.from_env(os.environ)
+    backends = backends if backends is not None else Backends.from_settings(settings)
     logger = logs.configure()
     readiness = Readiness()
     readiness.hold("startup", "application startup has not finished")
+    loader = Loader(settings, backends, readiness, logger)
+    service = RagService(
+        settings, loader.state, SessionStore(backends.dynamodb, settings.sessions_table), backends.bedrock, logger
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,13 +92,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise StartupCrash(message)
         logs.event(logger, logging.INFO, "started", event="startup", **settings.describe())
         readiness.release("startup")
+        loader.start()
         yield
         readiness.hold("shutdown", "shutting down")
+        loader.stop()
+        backends.close()
         logs.event(logger, logging.INFO, "stopping", event="shutdown", tenant=settings.tenant_id)
 
     app = FastAPI(title="rag-api", version=settings.app_version, lifespan=lifespan)
     app.state.settings = settings
     app.state.readiness = readiness
+    app.state.loader = loader
+    app.state.service = service
     # Added last, so outermost: the access log sees injected faults and latency too.
     app.add_middleware(
         FaultInjection,
@@ -148,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_id=headers.get("x-request-id"),
         )
 
+    app.include_router(rag.build_router(settings, service, readiness))
     return app
 
 
