@@ -18,7 +18,7 @@ import yaml
 from fixtures.manifests import render
 from fixtures.mutants import catalog
 from fixtures.mutants.catalog import AREAS, CatalogError, Kill, Mutant, Step, load, prepare
-from fixtures.mutants.runner import JunitReport, PytestRun, Verdict, judge, parse_junit
+from fixtures.mutants.runner import JunitReport, PytestRun, Verdict, control_problems, judge, parse_junit
 
 REPO = Path(__file__).resolve().parents[1]
 MUTANTS = load()
@@ -190,3 +190,19 @@ def test_judge(run: PytestRun, verdict: Verdict) -> None:
     got, killer, detail = judge(KILL, run)
     assert got is verdict, detail
     assert (killer == "a::t[no token]") is (verdict is Verdict.KILLED)
+
+
+CONTROL_CASES = [
+    ("its tests passed", _run({"a::other": "x"}, passed=("suites/x.py::t[1]", "suites/x.py::t[2]")), []),
+    ("one of its tests failed", _run({"suites/x.py::t[2]": "boom"}, passed=("suites/x.py::t[1]",)),
+     ["suites/x.py::t[2]: boom"]),
+    ("none of its tests ran", _run({}, passed=("suites/y.py::t",)), ["none of ['suites/x.py::t'] ran"]),
+    ("the control did not finish", _run(returncode=None), ["the control run did not finish"]),
+]
+
+
+@pytest.mark.parametrize("control,problems", [(c, p) for _, c, p in CONTROL_CASES], ids=[w for w, _, _ in CONTROL_CASES])
+def test_control_problems(control: PytestRun, problems: list[str]) -> None:
+    mutant = Mutant("m", "isolation", "made up", (), ("suites/x.py::t",), (Kill("t", "r"),))
+    got = control_problems(mutant, control)
+    assert len(got) == len(problems) and all(g.startswith(p) for g, p in zip(got, problems)), got

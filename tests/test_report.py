@@ -391,3 +391,24 @@ def test_cli_says_what_is_wrong_with_the_run_record(tmp_path):
     good = cli(str(synthetic_run(tmp_path / "ok")), "--out", str(tmp_path / "out"))
     assert good.returncode == 0, good.stderr
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_shows_every_cell_measured(tmp_path):
+    """The call-matrix suite, run for real on the standalone platform, renders a page that
+    Chromium shows with one measured cell per caller x target of the catalog, none 'not run'."""
+    from fixtures.catalog import tenants
+
+    run_json = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "suites/isolation/test_east_west.py", "-q",
+                           "-p", "no:cacheprovider", f"--run-json={run_json}",
+                           f"--artifacts={tmp_path / 'artifacts'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    html, _ = render(run_json, out_dir=tmp_path / "reports")
+    page = Elements(chromium("--dump-dom", html.as_uri()).stdout)
+    n = len(tenants(str(REPO / "platform")))
+    cells = page.having("data-cell", "reachability")
+    assert len(cells) == cells_for(n), f"{len(cells)} cells for {n} tenants"
+    assert [c for c in cells if c["data-outcome"] == "NOT_RUN"] == []
+    assert not [c for c in cells if "unexpected" in c["class"].split()]
