@@ -12,7 +12,7 @@ REPORTS ?= reports
 # Verbose output and kept artifacts under CI.
 PYTEST_FLAGS ?= $(if $(CI),-v -rA,-q)
 
-.PHONY: help setup system-deps test conformance report isolation bench new-tenant clean
+.PHONY: help setup system-deps test conformance report isolation bench mutants new-tenant clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ isolation: setup ## the isolation suite alone; JUnit XML in reports/
 
 bench: setup ## platform up/down; /whoami rps and p50/p99, full path vs direct; a bad canary's time to rollback and blast radius
 	$(PY) -m fixtures.bench --platform-dir=$(PLATFORM_DIR)
+
+mutants: setup ## mutation testing: each misconfiguration in fixtures/mutants/catalog.yaml must make its tests fail, for its reason (~18 min; AREA=isolation,ingress ONLY=id,... JOBS=n)
+	@mkdir -p $(REPORTS)
+	$(PY) -m fixtures.mutants --platform-dir=$(PLATFORM_DIR) --reports=$(REPORTS) \
+	  $(if $(ONLY),--only=$(ONLY)) $(if $(AREA),--area=$(AREA)) $(if $(JOBS),--jobs=$(JOBS))
 
 new-tenant: ## add a tenant by configuration: make new-tenant NAME=tenantc
 	@test -n "$(NAME)" || { echo "usage: make new-tenant NAME=<tenant>" >&2; exit 2; }

@@ -206,3 +206,19 @@ def test_control_problems(control: PytestRun, problems: list[str]) -> None:
     mutant = Mutant("m", "isolation", "made up", (), ("suites/x.py::t",), (Kill("t", "r"),))
     got = control_problems(mutant, control)
     assert len(got) == len(problems) and all(g.startswith(p) for g, p in zip(got, problems)), got
+
+
+@pytest.mark.parametrize("args,code,says", [
+    (["--list", "--area", "isolation,ingress"], 0, "authz-policy-deleted"),
+    (["--list", "--only", "tls-minimum-1-0"], 0, "tls-minimum-1-0"),
+    (["--only", "no-such-mutant"], 2, "unknown mutant id(s) or area(s): no-such-mutant"),
+    (["--area", "billing"], 2, "unknown mutant id(s) or area(s): billing"),
+], ids=["list an area", "list one", "unknown id", "unknown area"])
+def test_command_line(args: list[str], code: int, says: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fixtures.mutants", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert says in proc.stdout + proc.stderr
+    if args[:1] == ["--list"] and "--area" in args:
+        listed = {line.split()[1] for line in proc.stdout.splitlines()}
+        assert listed == {"isolation", "ingress"}, proc.stdout

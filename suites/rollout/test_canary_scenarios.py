@@ -24,6 +24,9 @@ from fixtures.platform import Outcome, Tenant, user_headers
 pytestmark = [pytest.mark.standalone_required, pytest.mark.slow]
 
 APP = "rag-api"
+# The platform's promise, whatever a Canary's own spec says: a version failing its analyses
+# never gets more than this share (percent) of a tenant's traffic.
+MAX_FAILING_WEIGHT = 20
 
 
 def slower_than_the_latency_limit(spec: CanarySpec) -> dict[str, str]:
@@ -133,7 +136,11 @@ def test_canary_rollout(platform, requires, user_load, report, case: Scenario) -
             assert intervals <= bound.intervals + 0.5, (
                 f"first traffic to rollback took {seconds:.1f}s = {intervals:.1f} intervals; "
                 f"{bound.explanation}\n{story}")
-            assert max(p.weight for p in rollout.timeline) <= bound.share * 100, story
+            reached = max(p.weight for p in rollout.timeline)
+            assert reached <= bound.share * 100, story
+            assert reached <= MAX_FAILING_WEIGHT, (
+                f"a failing version reached {reached}% of {tenant}'s traffic; the platform allows at most "
+                f"{MAX_FAILING_WEIGHT}%\n{story}")
     assert primary_version(platform, tenant) == before, "leaving the rollout did not put the primary back"
 
 
