@@ -22,6 +22,7 @@ from fixtures.corpus import (
     load_corpus,
     load_corpus_dir,
     other_markers,
+    recall_at,
 )
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
@@ -265,7 +266,7 @@ def recall_at_k(model, corpus: Corpus, k: int = TOP_K) -> tuple[float, list[str]
     total, misses = 0.0, []
     for question, row in zip(corpus.questions, hits):
         found = [sources[i][0] for i in row]
-        share = len(set(question.documents) & set(found)) / len(question.documents)
+        share = recall_at(k, question.documents, found)
         total += share
         if share < 1:
             misses.append(f"{question} found {found}")

@@ -7,7 +7,6 @@ repository."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import string
@@ -24,6 +23,7 @@ from fixtures.eks.cognito import load_users
 from fixtures.manifests import OVERLAYS, identity, kubectl, load_documents, render, render_flux, tenant_catalog
 from fixtures.platform import Tenant
 from fixtures.schemas import ISTIO_VERSIONS, assert_valid, validate
+from test_workflows import actionlint
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM = REPO / "platform"
@@ -331,12 +331,6 @@ def test_the_nightly_job_gets_the_new_tenants_passwords(with_tenantc):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def actionlint() -> str:
-    beside = Path(sys.executable).parent / "actionlint"
-    found = os.environ.get("ACTIONLINT") or (str(beside) if beside.is_file() else shutil.which("actionlint"))
-    if not found:
-        pytest.fail("actionlint not found: it is pinned in requirements.lock (`make setup`), or set ACTIONLINT")
-    return found
 
 
 def test_entries_made_by_hand_before_are_kept_once(tmp_path):

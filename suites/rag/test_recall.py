@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures.corpus import recall_at
 from fixtures.platform import Outcome
 
 pytestmark = pytest.mark.standalone_required
 
 MIN_RECALL_AT_3 = 0.9
-
-
-def recall_at(k: int, expected: set[str], retrieved: list[str]) -> float:
-    """The share of expected documents among the first ``k`` retrieved (duplicates count once)."""
-    return len(expected & set(retrieved[:k])) / len(expected)
 
 
 def test_recall_at_3(chat, corpus, tenant, record_fact):
