@@ -68,6 +68,8 @@ def make(env, *, clusters: str = "", keep: bool = False, attach: bool = False, e
                         run_id="run1")
     plat.kubectl.poll_interval = 0.01
     plat.cognito.start = lambda tenants: plat.runner.section("identity provider (stubbed)")
+    # provisioning needs moto behind a port-forward: tests/test_kind_aws.py runs it for real
+    plat.aws.provision = lambda tenants: plat.runner.section("AWS data (stubbed)")
     return plat
 
 
@@ -165,9 +167,9 @@ def test_start_drives_the_tools_in_order(run):
     kind = fakes.argvs("kind")
     assert kind[0] == ["version"] and kind[1] == ["get", "clusters"]
     assert kind[2][:6] == ["create", "cluster", "--name", "t1", "--image", versions.KIND_NODE_IMAGE]
-    assert [k[:2] for k in kind[3:5]] == [["load", "docker-image"]] * 2
+    assert [k[:2] for k in kind[3:6]] == [["load", "docker-image"]] * 3  # two apps, the AWS emulators
     docker = fakes.argvs("docker")
-    assert docker[0][0] == "version" and [d[0] for d in docker[1:]] == ["build", "build"]
+    assert docker[0][0] == "version" and [d[0] for d in docker[1:]] == ["build", "build", "build"]
     istioctl = [a for a in fakes.argvs(f"istioctl-{ISTIO}") if "proxy-config" not in a]
     assert [a[:2] for a in istioctl] == [["version", "--remote=false"], ["install", "-y"], ["tag", "set"]]
     assert f"revision={versions.istio_revision(ISTIO)}" in istioctl[1]
@@ -175,6 +177,14 @@ def test_start_drives_the_tools_in_order(run):
     assert all(a[:2] == ["--context", "kind-t1"] for a in kubectl if a[0] != "kustomize")
     applied = [c["stdin"] for c in fakes.calls("kubectl") if "apply" in c["argv"] and "-" in c["argv"]]
     assert any("kind: Canary" in s for s in applied) and any(f"{RUN_LABEL}: run1" in s for s in applied)
+
+
+def test_the_aws_emulators_are_applied_and_waited_for_before_the_platform(run):
+    calls = run.fakes.calls("kubectl")
+    emulators = next(i for i, c in enumerate(calls) if c.get("stdin") and "name: aws-emulators" in c["stdin"])
+    waited = next(i for i, c in enumerate(calls) if "deployments" in c["argv"] and "aws-emulators" in c["argv"])
+    platform = next(i for i, c in enumerate(calls) if c.get("stdin") and "kind: Canary" in c["stdin"])
+    assert emulators < waited < platform
 
 
 def applies(fakes) -> list[list[dict]]:

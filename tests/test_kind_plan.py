@@ -15,7 +15,7 @@ from fixtures.cluster.commands import Background, Command, Poll, Recorder
 from fixtures.cluster.__main__ import main
 from fixtures.cluster.plan import kind_plan
 from fixtures.cluster.tools import resolve
-from fixtures.kind import cluster, stack
+from fixtures.kind import aws, cluster, stack
 from fixtures.kind.backend import KindPlatform
 from fixtures.kind.identity import moto_jwks
 from fixtures.manifests import load_documents, tenant_catalog, tenant_folders
@@ -212,14 +212,32 @@ def test_cluster_config_maps_the_overlays_gateway_node_port(steps):
     yaml.safe_dump(cfg)  # what kind reads
 
 
-def test_images_are_built_from_platform_apps(steps):
+def test_images_are_built_from_platform_apps_and_the_emulator_dockerfile(steps):
     cmds = commands(steps)
     builds = [c for c in cmds if c.argv[1:2] == ("build",)]
-    assert {Path(c.argv[-1]).name for c in builds} == {"rag_api", "app_ui"}
+    assert {Path(c.argv[-1]).name for c in builds} == {"rag_api", "app_ui", "standalone"}
     for b in builds:
-        assert (Path(b.argv[-1]) / "Dockerfile").is_file()
+        dockerfile = Path(b.argv[b.argv.index("--file") + 1]) if "--file" in b.argv else Path(b.argv[-1]) / "Dockerfile"
+        assert dockerfile.is_file()
         image = b.argv[b.argv.index("--tag") + 1]
         assert any(c.argv[1:4] == ("load", "docker-image", image) for c in cmds)
+    emulator = next(b for b in builds if "--file" in b.argv)
+    assert emulator.argv[emulator.argv.index("--file") + 1] == str(aws.DOCKERFILE)
+    assert f"MOTO_VERSION={versions.MOTO}" in emulator.argv
+    assert f"PYTHON_IMAGE={versions.PYTHON_IMAGE}" in emulator.argv
+
+
+def test_emulators_run_and_hold_the_tenants_data_before_the_platform_is_applied(steps):
+    cmds = commands(steps)
+    emulators = next(i for i, c in enumerate(cmds) if c.stdin and "aws-emulators" in c.stdin and "apply" in c.argv)
+    forward = next(i for i, c in enumerate(cmds) if "port-forward" in c.argv and "svc/moto" in c.argv)
+    provision = index_of(cmds, "-m", "fixtures.kind.aws")
+    platform = next(i for i, c in enumerate(cmds) if c.stdin and "kind: Canary" in c.stdin)
+    assert index_of(cmds, "load", "docker-image", aws.IMAGE) < emulators < forward < provision < platform
+    local_port = cmds[forward].argv[cmds[forward].argv.index("svc/moto") + 1].split(":")[0]
+    argv = cmds[provision].argv
+    assert argv[argv.index("--endpoint") + 1] == f"http://127.0.0.1:{local_port}"
+    assert argv[argv.index("--tenants") + 1] == "tenanta,tenantb"
 
 
 def test_artifacts_and_calls_appear_in_the_plan(steps):
