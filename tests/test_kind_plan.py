@@ -3,6 +3,7 @@ real run, in order, each an argument list of a pinned tool, every manifest valid
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -177,6 +178,21 @@ def test_prometheus_selects_every_pod_monitor_of_the_platform(steps):
         assert all(labels.get(k) == v for k, v in (spec["podMonitorSelector"].get("matchLabels") or {}).items())
         assert not spec["podMonitorSelector"].get("matchExpressions")
         assert spec["podMonitorNamespaceSelector"] == {}, "the tenants' namespaces must be selected"
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)", duration).groups()
+    return int(number) * units[unit]
+
+
+def test_each_canary_metric_window_holds_four_scrapes(steps):
+    """rate() over a window needs several samples; with fewer a Canary judges noise or nothing."""
+    docs = applied_platform(steps)
+    scrape = max(_seconds(e["interval"]) for d in docs if d["kind"] == "PodMonitor"
+                 for e in d["spec"]["podMetricsEndpoints"])
+    windows = [_seconds(m["interval"]) for d in docs if d["kind"] == "Canary" for m in d["spec"]["analysis"]["metrics"]]
+    assert windows and min(windows) >= 4 * scrape, (windows, scrape)
 
 
 def test_the_load_tester_runs_as_the_identity_the_tenants_admit(steps):
