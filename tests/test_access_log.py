@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.standalone.backend import parse_access_log
+from fixtures.standalone.callers import parse_access_log
 
 
 def test_a_line_still_being_written_is_not_an_entry_yet() -> None:
