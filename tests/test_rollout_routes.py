@@ -13,7 +13,7 @@ from fixtures import proxy_protocol
 from fixtures.client import _ProxiedHTTPSConnection, default_context
 from fixtures.platform import user_headers
 from fixtures.standalone.backend import StandalonePlatform
-from fixtures.standalone.envoy_config import canary_runtime_key
+from fixtures.standalone.gateway_routes import canary_runtime_key
 from fixtures.wait import eventually
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
