@@ -92,7 +92,7 @@ test-local: $(STAMP) ## every suite on a kind cluster (needs Docker, `make clust
 test-eks: $(STAMP) ## every suite against the EKS cluster of CONTEXT (default: current context); DRY_RUN=1 prints the plan
 	@mkdir -p $(REPORTS)
 	@if [ -n "$(DRY_RUN)" ]; then \
-	  $(PY) -m fixtures.cluster plan eks --platform-dir=$(PLATFORM_DIR) $(if $(CONTEXT),--context=$(CONTEXT)); \
+	  $(PY) -m fixtures.cluster plan eks --platform-dir=$(PLATFORM_DIR) $(if $(CONTEXT),--context=$(CONTEXT)) $(if $(DESTRUCTIVE),--destructive); \
 	else \
 	  $(PY) -m pytest suites $(PYTEST_FLAGS) --backend=eks $(if $(CONTEXT),--context=$(CONTEXT)) \
 	    $(if $(DESTRUCTIVE),--destructive) --platform-dir=$(PLATFORM_DIR) --timeout=$(CLUSTER_TIMEOUT) \

@@ -1,7 +1,8 @@
 """The suite's RBAC for a shared cluster (platform/suite-rbac): valid against the
 Kubernetes schemas, least privilege by construction, covering every tenant, and enough
 for every command the eks backend issues (checked by evaluating the rules against the
-eks plan), but no more than the plan needs in the places it matters."""
+eks plan, and destructive/ against the plan of a --destructive run: Flux suspended and
+resumed, a fault), but no more than the plans need in the places it matters."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 from fixtures.cluster.commands import Background, Command, Poll
 from fixtures.cluster.plan import eks_plan
-from fixtures.manifests import kubectl, load_documents, tenant_folders
+from fixtures.eks.flux import API_GROUP, RESOURCE, delivered_by
+from fixtures.manifests import kubectl, load_documents, render, tenant_folders
 from fixtures.schemas import ISTIO_VERSIONS, validate
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
@@ -136,7 +138,23 @@ def allowed(docs, req: Request) -> bool:
 
 KINDS = {"namespace": ("", "namespaces"), "namespaces": ("", "namespaces"), "configmap": ("", "configmaps"),
          "service": ("", "services"), "secret": ("", "secrets"), "pods": ("", "pods"), "pod": ("", "pods"),
-         "deployment": ("apps", "deployments"), "deployments": ("apps", "deployments"), "events": ("", "events")}
+         "deployment": ("apps", "deployments"), "deployments": ("apps", "deployments"), "events": ("", "events"),
+         "authorizationpolicy": ("security.istio.io", "authorizationpolicies"),
+         RESOURCE: (API_GROUP, "kustomizations")}
+#: kubectl flags followed by a value (the value is not a positional argument)
+VALUED_FLAGS = {"-n", "-l", "-o", "-p", "-c", "-f", "--type"}
+
+
+def positionals(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in VALUED_FLAGS:
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
 
 
 def requests_of(cmd: Command) -> list[Request]:
@@ -162,6 +180,17 @@ def requests_of(cmd: Command) -> list[Request]:
             dns = d["metadata"].get("namespace", "")
             out += [Request(v, resource, group, dns, d["metadata"]["name"]) for v in ("patch", "create")]
         return out
+    if verb == "delete" and "-f" in a:  # the objects on stdin, each deleted then awaited by name
+        out = []
+        for d in load_documents(cmd.stdin):
+            group, resource = KINDS[d["kind"].lower()]
+            dns, name = d["metadata"].get("namespace", ""), d["metadata"]["name"]
+            out += [Request("delete", resource, group, dns, name), Request("get", resource, group, dns, name)]
+        return out
+    if verb == "patch":
+        kind, name = positionals(a[1:])
+        group, resource = KINDS[kind]
+        return [Request("patch", resource, group, ns, name)]
     if verb == "delete":
         group, resource = KINDS[a[1]]
         return [Request("list", resource, group, ns), Request("delete", resource, group, ns)]
@@ -178,15 +207,24 @@ def requests_of(cmd: Command) -> list[Request]:
     raise AssertionError(f"unmapped command {cmd.argv}")
 
 
-@pytest.fixture(scope="module")
-def eks_commands() -> list[Command]:
-    steps = eks_plan(PLATFORM, context="shared")
+def plan_commands(*, destructive: bool) -> list[Command]:
+    steps = eks_plan(PLATFORM, context="shared", destructive=destructive)
     cmds = [s.command if isinstance(s, (Poll, Background)) else s for s in steps]
     cmds = [c for c in cmds if c.argv[0] != "#"]
     # the real run also reads the image the cluster runs (the dry run uses the repository's)
     cmds.append(Command(("kubectl", "--context", "shared", "get", "deployment", "app-ui", "-n", "tenanta", "-o",
                          "json"), "image"))
     return cmds
+
+
+@pytest.fixture(scope="module")
+def eks_commands() -> list[Command]:
+    return plan_commands(destructive=False)
+
+
+@pytest.fixture(scope="module")
+def destructive_commands() -> list[Command]:
+    return plan_commands(destructive=True)
 
 
 def test_the_rbac_allows_every_command_of_an_eks_run(eks_commands):
@@ -211,3 +249,50 @@ def test_the_rbac_refuses_what_a_run_does_not_need():
     assert allowed(destructive, Request("patch", "deployments", "apps", "istio-system", "istio-ingressgateway"))
     assert allowed(destructive, Request("delete", "authorizationpolicies", "security.istio.io", "tenanta"))
     assert not allowed(destructive, Request("delete", "deployments", "apps", "tenanta"))
+
+
+# --- a destructive run: the separate identity has base/ and destructive/ ---------------
+
+
+def flux_requests(cmds: list[Command]) -> list[Request]:
+    return [r for c in cmds for r in requests_of(c) if r.group == API_GROUP]
+
+
+def test_the_destructive_rbac_allows_every_command_of_a_destructive_eks_run(destructive_commands):
+    docs = rendered(RBAC) + rendered(RBAC / "destructive")
+    flux = flux_requests(destructive_commands)
+    kustomizations = delivered_by(render(PLATFORM, "gitops"))
+    # each Kustomization of platform/gitops read, suspended and resumed
+    assert sorted(flux, key=str) == sorted([Request(v, "kustomizations", API_GROUP, k.namespace, k.name)
+                                           for k in kustomizations for v in ("get", "patch", "patch")], key=str)
+    assert any(r.resource == "authorizationpolicies" and r.verb == "delete"
+               for c in destructive_commands for r in requests_of(c)), "the plan shows no fault"
+    denied = [f"{r}  <- {' '.join(c.argv[1:7])}" for c in destructive_commands for r in requests_of(c)
+              if not allowed(docs, r)]
+    assert not denied, "\n".join(denied)
+
+
+def test_only_the_destructive_identity_touches_flux(eks_commands):
+    assert not flux_requests(eks_commands), "a run without --destructive must not touch Flux"
+    base = rendered(RBAC)
+    for k in delivered_by(render(PLATFORM, "gitops")):
+        for verb in ("get", "patch"):
+            assert not allowed(base, Request(verb, "kustomizations", API_GROUP, k.namespace, k.name)), (verb, k)
+
+
+def test_the_flux_rights_are_get_and_patch_of_kustomizations_in_the_flux_namespace_only():
+    destructive = rendered(RBAC / "destructive")
+    namespaces = {k.namespace for k in delivered_by(render(PLATFORM, "gitops"))}
+    granted = {b["metadata"]["namespace"] for d, rule in all_rules(destructive) if API_GROUP in rule["apiGroups"]
+               for b in of_kind(destructive, "RoleBinding") if b["roleRef"]["name"] == d["metadata"]["name"]}
+    assert granted == namespaces == {"flux-system"}
+    for req in [Request("patch", "kustomizations", API_GROUP, "tenanta", "mesh"),
+                Request("list", "kustomizations", API_GROUP, "flux-system"),
+                Request("delete", "kustomizations", API_GROUP, "flux-system", "mesh"),
+                Request("update", "kustomizations", API_GROUP, "flux-system", "mesh"),
+                Request("patch", "gitrepositories", "source.toolkit.fluxcd.io", "flux-system", "platform"),
+                Request("patch", "imageupdateautomations", "image.toolkit.fluxcd.io", "flux-system", "platform"),
+                Request("patch", "deployments", "apps", "flux-system", "kustomize-controller"),
+                Request("delete", "pods", "", "flux-system")]:
+        assert not allowed(destructive, req), str(req)
+    assert allowed(destructive, Request("patch", "kustomizations", API_GROUP, "flux-system", "mesh"))
