@@ -118,6 +118,29 @@ def test_poll_is_bounded_and_says_what_it_waited_for(fakes):
     assert "slow (1/2 available)" in str(err.value)
 
 
+WEBHOOK_NOT_SERVING = {"stderr": 'Error from server (InternalError): Internal error occurred: failed calling webhook '
+                                 '"webhook.cert-manager.io": connect: connection refused\n', "exit": 1}
+NAMESPACE = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}}]
+
+
+def test_an_apply_refused_by_a_webhook_not_yet_serving_is_repeated_until_accepted(fakes):
+    fakes.sequence("tool", "apply", answers=[WEBHOOK_NOT_SERVING, WEBHOOK_NOT_SERVING, {"stdout": "applied\n"}])
+    kubectl = Kubectl(Executor(), tool(fakes), "ctx", poll_interval=0.01)
+    assert kubectl.apply(NAMESPACE, what="the platform", retry_for=20).stdout == "applied\n"
+    calls = fakes.calls("tool")
+    assert len(calls) == 3 and all(c["stdin"] == calls[0]["stdin"] for c in calls)
+
+
+def test_an_apply_without_retry_fails_at_once_and_a_retried_one_is_bounded(fakes):
+    fakes.on("tool", "apply", **WEBHOOK_NOT_SERVING)
+    kubectl = Kubectl(Executor(), tool(fakes), "ctx", poll_interval=0.05)
+    with pytest.raises(CommandError, match="failed calling webhook"):
+        kubectl.apply(NAMESPACE, what="the platform")
+    assert len(fakes.calls("tool")) == 1
+    with pytest.raises(CommandError, match="the platform accepted"):
+        kubectl.apply(NAMESPACE, what="the platform", retry_for=0.5)
+
+
 def test_every_kubectl_call_names_the_context():
     rec = Recorder()
     k = Kubectl(rec, "kubectl", "kind-x")

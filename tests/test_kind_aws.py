@@ -113,6 +113,7 @@ def test_bedrock_serves_every_model_a_tenant_lists(tenants):
 def test_the_image_is_built_from_pinned_versions():
     text = aws.DOCKERFILE.read_text()
     assert {"PYTHON_IMAGE", "MOTO_VERSION"} <= set(re.findall(r"^ARG (\w+)", text, re.M))
+    assert re.search(rf"^ARG PYTHON_IMAGE={re.escape(versions.PYTHON_IMAGE)}$", text, re.M)  # no drifting default
     for source in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (aws.BUILD_CONTEXT / source).is_file(), source
     assert dict(aws.image().build_args) == {"PYTHON_IMAGE": versions.PYTHON_IMAGE, "MOTO_VERSION": versions.MOTO}
