@@ -74,7 +74,7 @@ DESTRUCTIVE ?=
 # One test's timeout must cover bringing the platform up (the session fixture) on a cluster.
 CLUSTER_TIMEOUT ?= 3600
 
-.PHONY: cluster-tools test-local test-eks istio-gate
+.PHONY: cluster-tools test-local test-eks istio-gate tenant-iam
 
 cluster-tools: $(STAMP) ## download the pinned kind, kubectl, istioctl, cert-manager, Prometheus Operator, Flagger (needs internet)
 	$(PY) -m fixtures.cluster tools install
@@ -123,3 +123,8 @@ envoy-cache: $(STAMP) ## Envoy 1.36..1.40 side by side in .cache/envoy (one envo
 
 envoy-matrix: setup envoy-cache ## configs, isolation+ingress suites and skew on every cached Envoy (~15 min)
 	$(PY) -m fixtures.istio_gate --matrix --platform-dir $(PLATFORM_DIR) --reports $(REPORTS)/istio-gate
+
+tenant-iam: $(STAMP) ## print a tenant's IAM stack for rag-api on EKS and its deploy command: make tenant-iam TENANT=tenanta CLUSTER=name [CLUSTER_REGION=r] [ACCOUNT=id]
+	@test -n "$(TENANT)" && test -n "$(CLUSTER)" || { echo "usage: make tenant-iam TENANT=<tenant> CLUSTER=<eks cluster> [CLUSTER_REGION=<region>] [ACCOUNT=<id>]" >&2; exit 2; }
+	$(PY) platform/tools/tenant_iam.py $(TENANT) --cluster $(CLUSTER) --platform-dir $(PLATFORM_DIR) \
+	  $(if $(CLUSTER_REGION),--cluster-region $(CLUSTER_REGION)) $(if $(ACCOUNT),--account $(ACCOUNT))
