@@ -2,19 +2,24 @@
 Kubernetes schemas, least privilege by construction, covering every tenant, and enough
 for every command the eks backend issues (checked by evaluating the rules against the
 eks plan, and destructive/ against the plan of a --destructive run: Flux suspended and
-resumed, a fault), but no more than the plans need in the places it matters."""
+resumed, a fault, and the rollout of every Canary), but no more than the plans need in
+the places it matters. Its admission policies are evaluated in test_admission_policies.py."""
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fixtures.cluster.commands import Background, Command, Poll
-from fixtures.cluster.plan import eks_plan
+from fixtures.cluster.commands import Background, Command, Poll, Recorder
+from fixtures.cluster.plan import FIXED_RUN_ID, eks_plan
+from fixtures.cluster.tools import resolve
+from fixtures.eks.backend import EksPlatform
 from fixtures.eks.flux import API_GROUP, RESOURCE, delivered_by
 from fixtures.manifests import kubectl, load_documents, render, tenant_folders
 from fixtures.schemas import ISTIO_VERSIONS, validate
@@ -139,7 +144,7 @@ def allowed(docs, req: Request) -> bool:
 KINDS = {"namespace": ("", "namespaces"), "namespaces": ("", "namespaces"), "configmap": ("", "configmaps"),
          "service": ("", "services"), "secret": ("", "secrets"), "pods": ("", "pods"), "pod": ("", "pods"),
          "deployment": ("apps", "deployments"), "deployments": ("apps", "deployments"), "events": ("", "events"),
-         "authorizationpolicy": ("security.istio.io", "authorizationpolicies"),
+         "authorizationpolicy": ("security.istio.io", "authorizationpolicies"), "canary": ("flagger.app", "canaries"),
          RESOURCE: (API_GROUP, "kustomizations")}
 #: kubectl flags followed by a value (the value is not a positional argument)
 VALUED_FLAGS = {"-n", "-l", "-o", "-p", "-c", "-f", "--type"}
@@ -296,3 +301,67 @@ def test_the_flux_rights_are_get_and_patch_of_kustomizations_in_the_flux_namespa
                 Request("delete", "pods", "", "flux-system")]:
         assert not allowed(destructive, req), str(req)
     assert allowed(destructive, Request("patch", "kustomizations", API_GROUP, "flux-system", "mesh"))
+    policy_rules = [r for p in of_kind(destructive, "ValidatingAdmissionPolicy")
+                    for r in p["spec"]["matchConstraints"]["resourceRules"]]
+    assert any(API_GROUP in r["apiGroups"] and "kustomizations" in r["resources"] and "UPDATE" in r["operations"]
+               for r in policy_rules), "the patch right on Kustomizations must be confined by an admission policy"
+
+
+# --- a destructive run's rollouts (fixtures/cluster/rollout.py) ---------------------------
+
+
+def _rollout_answers(app: str, argv) -> str | None:
+    """What the cluster answers a rollout's reads with: the target or primary Deployment with
+    the app's container, a settled Canary."""
+    if "deployment" in argv:
+        name = argv[argv.index("deployment") + 1]
+        return json.dumps({"metadata": {"name": name}, "spec": {"template": {"spec": {"containers": [
+            {"name": app, "image": f"{app}:1.0.0", "env": [{"name": "APP_VERSION", "value": "1.0.0"}]}]}}}})
+    if "canary" in argv:
+        return json.dumps({"spec": {}, "status": {"phase": "Succeeded"}})
+    return None
+
+
+@pytest.fixture(scope="module")
+def rollouts() -> tuple[list[tuple[str, str]], list[Command]]:
+    """(namespace, target) of every Canary of the eks overlay, and the commands of a rollout
+    of each (triggered, awaited, reverted) as a --destructive eks run issues them: the
+    backend's own code driven by a Recorder (which runs no poll's check)."""
+    runner = Recorder()
+    platform = EksPlatform(PLATFORM, context="shared", runner=runner, tools=resolve(dry_run=True),
+                           run_id=FIXED_RUN_ID, destructive=True)
+    platform.start()
+    try:
+        canaries = [(d["metadata"]["namespace"], d["spec"]["targetRef"]["name"]) for d in platform.manifests()
+                    if d["kind"] == "Canary"]
+        start = len(runner.history)
+        for ns, app in canaries:
+            runner.responses = functools.partial(_rollout_answers, app)
+            with platform.rollout(ns, app, "9.9.9") as rollout:
+                rollout.run()
+        runner.responses = None
+        steps = runner.history[start:]
+    finally:
+        platform.close()
+    return canaries, [s.command if isinstance(s, (Poll, Background)) else s for s in steps]
+
+
+def test_the_destructive_rbac_allows_a_rollout_of_every_canary_and_needs_its_canary_rule(rollouts):
+    canaries, cmds = rollouts
+    assert {ns for ns, _ in canaries} == set(tenant_folders(PLATFORM))
+    needed = [r for c in cmds for r in requests_of(c)]
+    patched = [r for r in needed if r.resource == "canaries" and r.verb == "patch"]
+    # skipAnalysis set for the revert, then restored, on each Canary
+    assert sorted(patched, key=str) == sorted([Request("patch", "canaries", "flagger.app", ns, app)
+                                               for ns, app in canaries for _ in (1, 2)], key=str)
+    docs = rendered(RBAC) + rendered(RBAC / "destructive")
+    denied = [f"{r}  <- {' '.join(c.argv[3:8])}" for c in cmds for r in requests_of(c) if not allowed(docs, r)]
+    assert not denied, "\n".join(denied)
+    # needed: without that rule exactly the Canary patches are refused; the base never has them
+    without = copy.deepcopy(docs)
+    for d in without:
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "platform-suite-destructive":
+            d["rules"] = [r for r in d["rules"] if "flagger.app" not in r["apiGroups"]]
+    assert [r for r in needed if not allowed(without, r)] == patched
+    assert not any(allowed(rendered(RBAC), r) for r in patched)
+    assert not allowed(docs, Request("delete", "canaries", "flagger.app", canaries[0][0], canaries[0][1]))
