@@ -18,6 +18,7 @@ import pytest
 from fixtures import diagnose
 from fixtures.certs import CertificateAuthority
 from fixtures.diagnose import Counters, Exchange, Finding, Probe, classify
+from fixtures.platform import MissingCapability
 
 
 # -- exchange against small local servers ----------------------------------------------------
@@ -26,6 +27,8 @@ from fixtures.diagnose import Counters, Exchange, Finding, Probe, classify
 class FakeGateway:
     address: tuple[str, int]
     ca_bundle: Path
+    expects_proxy_protocol: bool = True
+    load_balancer_writes_proxy_header: bool = False
 
 
 @contextlib.contextmanager
@@ -169,6 +172,21 @@ def test_unreachable_admin_gives_no_counters():
     assert diagnose.counters(Dead()) is None
 
 
+def test_gateway_without_readable_counters_gives_no_counters():
+    class Unreadable:
+        def stats(self):
+            raise MissingCapability("gateway stats: not readable on this backend")
+    assert diagnose.counters(Unreadable()) is None
+
+
+def test_a_bug_reading_counters_is_not_taken_for_missing_counters():
+    class Broken:
+        def stats(self):
+            raise AttributeError("no stats()")
+    with pytest.raises(AttributeError):
+        diagnose.counters(Broken())
+
+
 # -- verdicts ---------------------------------------------------------------------------------
 
 OK = Exchange("probe", "request", "http", status=200)
@@ -227,3 +245,29 @@ def test_lb_header_matches_the_gateway_address_family():
     gw = FakeGateway(("127.0.0.1", 8443), Path("ca"))
     assert diagnose.lb_header(gw, ("2001:db8::5", 1234)).startswith(b"\r\n\r\n\x00\r\nQUIT\n\x21\x21")
     assert diagnose.lb_header(gw, ("192.0.2.5", 1234), version=1) == b"PROXY TCP4 192.0.2.5 127.0.0.1 1234 8443\r\n"
+
+
+@pytest.mark.parametrize("expects, lb_writes, sends", [(True, False, True), (True, True, False), (False, False, False)],
+                         ids=["the client stands in for the load balancer", "the load balancer writes the header",
+                              "the gateway expects no header"])
+def test_client_sends_a_proxy_header_only_in_the_load_balancers_place(expects, lb_writes, sends):
+    # Behind an NLB the address is its DNS name, which a PROXY header could not carry.
+    gw = FakeGateway(("nlb.example.com" if lb_writes else "127.0.0.1", 443), Path("ca"), expects, lb_writes)
+    assert diagnose.client_sends_proxy_header(gw) is sends
+    assert (diagnose.lb_header(gw) is not None) is sends
+
+
+def test_gateway_without_the_load_balancer_attribute_gets_the_clients_header():
+    @dataclass
+    class Plain:  # a backend whose gateway says nothing of a load balancer
+        address: tuple[str, int]
+        expects_proxy_protocol: bool = True
+    assert diagnose.lb_header(Plain(("127.0.0.1", 8443)), ("192.0.2.5", 1234), version=1) == \
+        b"PROXY TCP4 192.0.2.5 127.0.0.1 1234 8443\r\n"
+
+
+def test_diagnosis_refuses_a_gateway_behind_a_header_writing_load_balancer():
+    # Port 1 on loopback: a probe that ran anyway would be refused, not raise.
+    gw = FakeGateway(("127.0.0.1", 1), Path("ca"), load_balancer_writes_proxy_header=True)
+    with pytest.raises(MissingCapability, match="proxy-protocol"):
+        diagnose.diagnose(gw, "gw.example.com")

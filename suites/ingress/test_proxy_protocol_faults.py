@@ -5,6 +5,10 @@ Each fault is gateway-wide, so one tenant's host is enough to probe it. Before e
 fault the diagnosis of the healthy gateway is the control; during it, whichever client
 the broken gateway still serves proves it is up; after it, the gateway serves the load
 balancer's clients again.
+
+The diagnosis sends its own PROXY headers (none, one, two), which needs a backend whose
+client stands in for the load balancer (capability "proxy-protocol"). A fault the backend
+cannot inject skips the test before the healthy gateway is probed.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import pytest
 
 from fixtures import diagnose
 from fixtures.diagnose import Finding
-from fixtures.platform import user_headers
+from fixtures.platform import MissingCapability, user_headers
 from fixtures.report import record
 
-pytestmark = pytest.mark.standalone_required
+pytestmark = [pytest.mark.standalone_required, pytest.mark.usefixtures("crafts_proxy_headers")]
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,16 @@ FAILURES = [
 @pytest.mark.chaos
 @pytest.mark.parametrize("case", FAILURES, ids=str)
 def test_field_failure_is_named_by_the_diagnosis(platform, case, request):
+    try:
+        broken = platform.fault(case.fault)
+    except MissingCapability as exc:
+        pytest.skip(str(exc))
     tenant = platform.tenants[0]
     gw = platform.gateway()
     headers = user_headers(tenant, platform.idp(tenant).token())
     healthy = diagnose.diagnose(gw, tenant.host, headers=headers)
     assert healthy.finding is Finding.STRICT, f"control, before the fault:\n{healthy}"
-    with platform.fault(case.fault) as fault:
+    with broken as fault:
         # What the control plane reports of a rejected configuration (istiod: the NACK).
         proxy_log = "\n".join((getattr(fault, "rejected", None) or {}).values())
         found = diagnose.diagnose(gw, tenant.host, headers=headers, proxy_log=proxy_log)

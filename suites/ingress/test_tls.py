@@ -1,6 +1,9 @@
 """TLS at the shared gateway: every tenant host is served a certificate that chains to
 the platform's root and names the host; anything that is not modern TLS for a host the
-Gateway serves is refused before a request can be made."""
+Gateway serves is refused before a request can be made.
+
+Clients connect as the load balancer's would: with the PROXY header the client writes in
+its place (``diagnose.lb_header``), or none where the load balancer writes it itself."""
 
 from __future__ import annotations
 
@@ -54,32 +57,32 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=str)
-def test_client_that_is_not_tls_for_a_served_host_is_refused(platform, tenant, case):
+def test_client_that_is_not_tls_for_a_served_host_is_refused(platform, tenant, case, gateway_counters):
     gw = platform.gateway()
     _control(platform, tenant)
     sni = case.sni.format(tenant=tenant.name) if case.sni else case.sni
-    before = diagnose.Counters(gw.stats())
+    before = gateway_counters()
     res = diagnose.exchange(gw, tenant.host, preamble=diagnose.lb_header(gw), then=case.then,
                             sni=sni, sent=case.name,
                             context=tls_probe.any_certificate_context() if case.sni is not None else None)
     res.expect_closed()
-    moved = diagnose.Counters(gw.stats()) - before
+    moved = gateway_counters() - before
     assert (moved.tls_handshakes, moved.http_requests) == (0, 0), f"{res}; {moved.summary()}"
     _control(platform, tenant)
 
 
-def test_host_under_the_wildcard_without_a_tenant_is_not_routed(platform, tenant):
+def test_host_under_the_wildcard_without_a_tenant_is_not_routed(platform, tenant, gateway_counters):
     """The wildcard certificate covers any *.example.com name; a name no tenant owns gets
     TLS but never reaches a workload."""
     gw = platform.gateway()
     _control(platform, tenant)
-    before = diagnose.Counters(gw.stats())
+    before = gateway_counters()
     stray = f"not-{tenant.name}.example.com"
     res = diagnose.exchange(gw, stray, preamble=diagnose.lb_header(gw),
                             headers=user_headers(tenant, platform.idp(tenant).token()), sent=f"Host {stray}")
     res.expect_http()
     assert res.status in (403, 404), f"{res}: {res.body[:200]!r}"
-    assert (diagnose.Counters(gw.stats()) - before).upstream_requests == 0, res
+    assert (gateway_counters() - before).upstream_requests == 0, res
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from fixtures.platform import CallResult, Outcome, Tenant, user_headers
+from fixtures.platform import CallResult, MissingCapability, Outcome, Tenant, user_headers
 
 TRUST_DOMAIN = "cluster.local"
 GATEWAY_IDENTITY = f"spiffe://{TRUST_DOMAIN}/ns/istio-system/sa/istio-ingressgateway"
@@ -31,6 +31,18 @@ def service(tenant: Tenant, app: str) -> str:
 def spiffe(tenant: Tenant | str, app: str) -> str:
     ns = tenant.namespace if isinstance(tenant, Tenant) else tenant
     return f"spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{app}"
+
+
+def per_tenant_ca(platform) -> bool:
+    """Whether each tenant's workloads are signed by a certificate authority of the tenant's
+    own (capability "per-tenant-ca"). Where not, one CA (istiod's on a cluster) signs every
+    workload, every handshake between tenants succeeds, and only the AuthorizationPolicies
+    tell the tenants apart."""
+    try:
+        platform.requires("per-tenant-ca")
+    except MissingCapability:
+        return False
+    return True
 
 
 def other_app(app: str) -> str:

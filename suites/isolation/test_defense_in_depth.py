@@ -11,6 +11,13 @@ Every probe is sent three times: before the fault (the normal refusal), during i
 after it (the normal refusal again, so the fault was reverted). One probe per layer is
 refused by that layer alone: it gets through while the layer is off, proving the fault
 took effect. Probes run for every ordered pair (attacker tenant, victim tenant).
+
+Expectations follow the platform's capabilities, as in test_east_west. Where one CA signs
+every workload (no "per-tenant-ca", istiod's CA on a cluster), there is no CA separation to
+switch off, a call from another tenant's workload completes its handshake and is refused
+by the victim's AuthorizationPolicy (403), and with the AuthorizationPolicies off nothing
+else refuses it. A layer whose fault the backend cannot inject skips, naming what is
+missing, before any probe is sent.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from typing import Callable
 
 import pytest
 
-from fixtures.platform import CallResult, Outcome, Tenant
-from suites.isolation.probes import expect_at, service, spiffe, user, via_gateway
+from fixtures.platform import CallResult, MissingCapability, Outcome, Tenant
+from suites.isolation.probes import expect_at, per_tenant_ca, service, spiffe, user, via_gateway
 
 pytestmark = [pytest.mark.standalone_required, pytest.mark.chaos]
 
 Send = Callable[..., CallResult]
+# Which certificate authorities a probe row holds for (Probe.ca).
+ANY_CA, PER_TENANT_CA, ONE_CA = "any", "per-tenant", "one for every workload"
 
 
 def _other_name(platform, tenant: Tenant) -> str:
@@ -71,6 +80,10 @@ class Probe:
     when_off: Outcome
     at: str                # who decides: "gateway" (checked), "workload", or "caller" (its sidecar's TLS)
     decided_by: str        # which layer refuses it while the one under test is off
+    ca: str = ANY_CA       # PER_TENANT_CA / ONE_CA: the row holds only where the tenants' CAs are so
+
+    def holds_on(self, platform) -> bool:
+        return self.ca == ANY_CA or (self.ca == PER_TENANT_CA) == per_tenant_ca(platform)
 
     def check(self, platform, src, dst, outcome: Outcome, phase: str) -> None:
         __tracebackhide__ = True
@@ -90,25 +103,33 @@ class Layer:
     name: str
     fault: str
     probes: tuple[Probe, ...]
+    needs: tuple[str, ...] = ()   # capabilities without which the layer does not exist or cannot be probed
 
     def __str__(self) -> str:
         return f"{self.name} switched off"
 
+    def probes_on(self, platform) -> list[Probe]:
+        return [p for p in self.probes if p.holds_on(platform)]
+
+
+CROSS = "the victim's user, sent by the attacker's app-ui"
+HANDSHAKE = "CA separation (handshake refused)"
+SOURCE_NAMESPACE = "the victim's AuthorizationPolicy (caller not from its namespace)"
+
 
 LAYERS = [
     Layer("CA separation", "ca-separation-off", (
-        Probe("the victim's user, sent by the attacker's app-ui", dst_user_from_src_app_ui,
-              Outcome.TLS_REFUSED, Outcome.RBAC_403, "workload",
-              "the victim's AuthorizationPolicy (caller not from its namespace)"),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.TLS_REFUSED, Outcome.RBAC_403, "workload", SOURCE_NAMESPACE),
         Probe("the attacker's workload certificate, straight to the victim's sidecar", src_certificate_to_dst,
-              Outcome.TLS_REFUSED, Outcome.RBAC_403, "workload",
-              "the victim's AuthorizationPolicy (caller not from its namespace)"),
-    )),
+              Outcome.TLS_REFUSED, Outcome.RBAC_403, "workload", SOURCE_NAMESPACE),
+    ), needs=("per-tenant-ca", "identities")),
     Layer("AuthorizationPolicy of the tenants' namespaces", "authz-policy-off", (
         Probe("the victim's own app-ui calling without a user token", no_user_from_dst_app_ui,
               Outcome.RBAC_403, Outcome.OK, "workload", "nothing: only this layer refuses it"),
-        Probe("the victim's user, sent by the attacker's app-ui", dst_user_from_src_app_ui,
-              Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", "CA separation (handshake refused)"),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", HANDSHAKE,
+              ca=PER_TENANT_CA),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.RBAC_403, Outcome.OK, "workload",
+              "nothing: with one CA for every workload only this layer refuses it", ca=ONE_CA),
         Probe("the attacker's user at the victim's host", src_user_at_dst_host,
               Outcome.RBAC_403, Outcome.RBAC_403, "gateway", "the gateway's edge policy for the victim's host"),
     )),
@@ -120,8 +141,10 @@ LAYERS = [
         Probe("the attacker's user sent by the victim's own app-ui", src_user_from_dst_app_ui,
               Outcome.AUTHN_401, Outcome.AUTHN_401, "workload",
               "the victim's RequestAuthentication (only its own pool's issuer)"),
-        Probe("the victim's user, sent by the attacker's app-ui", dst_user_from_src_app_ui,
-              Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", "CA separation (handshake refused)"),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", HANDSHAKE,
+              ca=PER_TENANT_CA),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.RBAC_403, Outcome.RBAC_403, "workload", SOURCE_NAMESPACE,
+              ca=ONE_CA),
     )),
     Layer("header check", "header-check-off", (
         Probe("the victim's user with x-auth-request-tenantid naming another tenant", dst_user_header_naming_another,
@@ -130,26 +153,38 @@ LAYERS = [
               Outcome.RBAC_403, Outcome.RBAC_403, "gateway", "the claim condition of the edge policy alone"),
         Probe("the attacker's user at the victim's host, header naming the victim", src_user_at_dst_host,
               Outcome.RBAC_403, Outcome.RBAC_403, "gateway", "the issuer and claim conditions of the edge policy"),
-        Probe("the victim's user, sent by the attacker's app-ui", dst_user_from_src_app_ui,
-              Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", "CA separation (handshake refused)"),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.TLS_REFUSED, Outcome.TLS_REFUSED, "caller", HANDSHAKE,
+              ca=PER_TENANT_CA),
+        Probe(CROSS, dst_user_from_src_app_ui, Outcome.RBAC_403, Outcome.RBAC_403, "workload", SOURCE_NAMESPACE,
+              ca=ONE_CA),
     )),
 ]
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=str)
-def test_remaining_layers_still_refuse(platform, layer):
+def test_remaining_layers_still_refuse(platform, requires, layer):
+    for capability in layer.needs:
+        requires(capability)
+    try:
+        # Asked for before any probe: a layer this backend cannot switch off skips, it does
+        # not fail in the "before" phase.
+        switched_off = platform.fault(layer.fault)
+    except MissingCapability as exc:
+        pytest.skip(str(exc))
+    probes = layer.probes_on(platform)
     pairs = [(a, b) for a in platform.tenants for b in platform.tenants if a != b]
     assert pairs, "defense in depth needs two tenants in the catalog"
     for src, dst in pairs:
         via_gateway(platform, dst, user(platform, dst)).expect(Outcome.OK)  # positive control
-        for probe in layer.probes:
+        for probe in probes:
             probe.check(platform, src, dst, probe.normally, "before the fault")
-    with platform.fault(layer.fault) as fault:
-        assert not fault.rejected, f"{layer.fault}: proxies refused the change: {fault.rejected}"
+    with switched_off as fault:
+        rejected = getattr(fault, "rejected", None) or {}  # only the standalone backend sees proxies NACK
+        assert not rejected, f"{layer.fault}: proxies refused the change: {rejected}"
         for src, dst in pairs:
             via_gateway(platform, dst, user(platform, dst)).expect(Outcome.OK)
-            for probe in layer.probes:
+            for probe in probes:
                 probe.check(platform, src, dst, probe.when_off, f"with {layer}")
     for src, dst in pairs:
-        for probe in layer.probes:
+        for probe in probes:
             probe.check(platform, src, dst, probe.normally, "after the fault was reverted")

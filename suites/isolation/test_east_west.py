@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.platform import MissingCapability, Outcome
+from fixtures.platform import Outcome
 from fixtures.report import record
 from suites.isolation.probes import (APPS, GATEWAY_IDENTITY, GATEWAY_PATH, MESH_PATH, expect_caller_seen,
-                                     other_app, service, spiffe, user, via_gateway)
+                                     other_app, per_tenant_ca, service, spiffe, user, via_gateway)
 
 pytestmark = pytest.mark.standalone_required
 
@@ -35,11 +35,7 @@ def expected(platform, src_tenant, dst_tenant) -> Outcome:
     from the AuthorizationPolicy."""
     if src_tenant == dst_tenant:
         return Outcome.OK
-    try:
-        platform.requires("per-tenant-ca")
-    except MissingCapability:
-        return Outcome.RBAC_403
-    return Outcome.TLS_REFUSED
+    return Outcome.TLS_REFUSED if per_tenant_ca(platform) else Outcome.RBAC_403
 
 
 def positive_control(platform, tenant, app: str, headers: dict):

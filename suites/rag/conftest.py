@@ -1,5 +1,6 @@
-"""Fixtures of the RAG suite: a signed-in user's chat through the gateway, and each tenant's
-corpus (documents, marker strings, labelled questions) read from the platform under test."""
+"""Fixtures of the RAG suite: a signed-in user's chat through the gateway, each tenant's
+corpus (documents, marker strings, labelled questions) read from the platform under test,
+and the emulated Bedrock's record of the calls a test made."""
 
 from __future__ import annotations
 
@@ -45,6 +46,35 @@ class Chat:
                                               headers=user_headers(tenant, self.token(tenant, user)))
         assert res.status == 200, res.describe()
         return res.json()["turns"]
+
+
+class CallLog:
+    """The emulated Bedrock's record of Converse calls (``platform.llm_calls()``, capability
+    "llm-call-log"), read as the calls made since this object was created.
+
+    The record is not the test's own: an emulator reused on kind still holds the calls of
+    earlier runs, and a full record drops its oldest call for each new one, so a position
+    taken before is no position after. :meth:`since` lines the two readings up instead."""
+
+    def __init__(self, platform: Any) -> None:
+        self.platform = platform
+        self.before = platform.llm_calls()
+
+    def since(self) -> list[dict]:
+        return appended(self.before, self.platform.llm_calls())
+
+
+def appended(before: list[dict], after: list[dict]) -> list[dict]:
+    """The calls ``after`` holds that ``before`` did not: what follows the longest tail of
+    ``before`` that ``after`` starts with (the part of the old record still kept). When
+    nothing of ``before`` is left, all of ``after`` is new."""
+    if not after:
+        return []
+    for dropped, first in enumerate(before):
+        kept = len(before) - dropped
+        if first == after[0] and after[:kept] == before[dropped:]:
+            return after[kept:]
+    return list(after)
 
 
 def new_session() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.platform import Outcome, Tenant
-from suites.rag.conftest import new_session
+from suites.rag.conftest import CallLog, new_session
 
 pytestmark = pytest.mark.standalone_required
 
@@ -48,10 +48,10 @@ def test_refused_model_never_reaches_bedrock(platform, chat, corpus, cross_tenan
     requires("llm-call-log")
     src, dst = cross_tenant_pair
     model = owned_models(dst)[0]
-    before = len(platform.llm_calls())
+    log = CallLog(platform)
     session = new_session()
     assert chat.ask(src, corpus(src).questions[0].question, session, llm_model=model).status == 400
-    assert [c for c in platform.llm_calls()[before:] if c["model"] == model] == []
+    assert [c for c in log.since() if c["model"] == model] == []
     # The refused question left nothing in the session either.
     assert chat.history(src, session) == []
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.platform import MissingCapability, Outcome
-from suites.rag.conftest import leaked_markers, new_session
+from suites.rag.conftest import CallLog, leaked_markers, new_session
 
 pytestmark = pytest.mark.standalone_required
 
@@ -64,16 +64,16 @@ def test_prompt_injection_never_reaches_other_tenants_documents(platform, chat, 
     document = sorted(theirs.documents)[0]
     marker = theirs.marker_of[document]
     topic = theirs.questions[0].question.rstrip("?").lower()
-    calls_before = len(platform.llm_calls()) if _has_call_log(platform) else None
+    log = CallLog(platform) if _has_call_log(platform) else None
     for template in INJECTIONS:
         question = template.format(marker=marker, other=dst.name, topic=topic, document=document)
         res = chat.ask(src, question).expect(Outcome.OK)
         assert not leaked_markers(res.json()["answer"], [theirs]), f"{question!r}: {res.describe()}"
         assert not leaked_markers(" ".join(s["text"] for s in _sources(res)), [theirs]), res.describe()
         assert {s["document"] for s in _sources(res)} <= set(corpus(src).documents), res.describe()
-    if calls_before is not None:
+    if log is not None:
         # What the model was given: only src's documents, in every call these questions made.
-        calls = platform.llm_calls()[calls_before:]
+        calls = log.since()
         assert len(calls) >= len(INJECTIONS), calls
         for call in calls:
             given = set(call.get("context_sources") or [])
