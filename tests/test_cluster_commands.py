@@ -115,7 +115,42 @@ def test_poll_is_bounded_and_says_what_it_waited_for(fakes):
         kubectl.wait_deployments("ns", timeout=0.5)
     assert time.monotonic() - started < 5
     assert "every Deployment in ns available" in str(err.value)
-    assert "slow (1/2 available)" in str(err.value)
+    assert "slow (1/2 available, 0 updated)" in str(err.value)
+
+
+def deployment(want: int, *, replicas: int | None, updated: int, available: int, generation: int = 2,
+               observed: int = 2, conditions: list | None = None) -> dict:
+    """A Deployment as the API server returns it (zero counts left out of status)."""
+    status = {k: v for k, v in {"observedGeneration": observed, "replicas": replicas, "updatedReplicas": updated,
+                                "availableReplicas": available}.items() if v}
+    if conditions:
+        status["conditions"] = conditions
+    return {"items": [{"metadata": {"name": "gw", "generation": generation}, "spec": {"replicas": want},
+                       "status": status}]}
+
+
+@pytest.mark.parametrize("doc, says", [
+    # the new pod is up, the old one still takes connections (what `kubectl rollout status` waits out)
+    (deployment(1, replicas=2, updated=1, available=2), "gw (1 old replica(s) pending termination)"),
+    (deployment(2, replicas=3, updated=2, available=2), "gw (1 old replica(s) pending termination)"),
+    (deployment(2, replicas=2, updated=1, available=2), "gw (2/2 available, 1 updated)"),
+    (deployment(1, replicas=1, updated=1, available=1, observed=1), "gw (spec not observed yet)"),
+    (deployment(2, replicas=2, updated=1, available=1, conditions=[
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]),
+     "gw (1/2 available, 1 updated, progress deadline exceeded)"),
+], ids=["surge pod left", "two of three", "old pods available", "new spec unseen", "deadline"])
+def test_a_rollout_with_old_replicas_left_is_not_ready(doc, says):
+    with pytest.raises(AssertionError) as err:
+        deployments_ready(doc)
+    assert str(err.value) == f"not ready: {says}"
+
+
+@pytest.mark.parametrize("doc", [deployment(1, replicas=1, updated=1, available=1),
+                                 deployment(2, replicas=2, updated=2, available=2),
+                                 deployment(0, replicas=None, updated=0, available=0)],
+                         ids=["one", "two", "scaled to zero"])
+def test_a_complete_rollout_is_ready(doc):
+    assert deployments_ready(doc)
 
 
 WEBHOOK_NOT_SERVING = {"stderr": 'Error from server (InternalError): Internal error occurred: failed calling webhook '

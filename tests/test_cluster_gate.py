@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.cluster import gate, versions
+from fixtures.cluster import gate, istio, versions
 from fixtures.cluster.__main__ import main
 from fixtures.cluster.commands import Command, Poll
 from fixtures.cluster.fakes import healthy_cluster, kind_tools, pods_on_revision
@@ -102,6 +102,10 @@ def test_gate_moves_gateway_and_one_tenant_then_runs_suites_and_checks(tmp_path,
     target_tool = [a for a in fakes.argvs(f"istioctl-{TARGET}")]
     assert [a[0] if a[0] != "x" else "precheck" for a in target_tool] == ["version", "precheck", "install", "analyze"]
     assert f"revision={REV}" in target_tool[2]
+    # the new revision's proxies log and count as the suites read them, like the first one's
+    flags = istio.observability_flags()
+    start = target_tool[2].index(flags[1]) - 1
+    assert target_tool[2][start:start + len(flags)] == flags
     assert fakes.argvs(f"istioctl-{CURRENT}") == []  # the current control plane is left alone
     kubectl = [a for a in fakes.argvs("kubectl") if a[0] == "--context"]
     patch = next(a for a in kubectl if "patch" in a)

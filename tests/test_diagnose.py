@@ -158,6 +158,15 @@ def test_counters_are_read_by_meaning():
     assert (c.http_requests, c.upstream_requests) == (9, 8)
 
 
+def test_an_istio_gateways_http_counter_is_named_after_its_listener():
+    """On a cluster the HTTP stat prefix holds the listener's address (dots included), and the
+    proxy's own Prometheus and health listeners are not the gateway's traffic."""
+    istio = {k: v for k, v in STATS.items() if not k.startswith("http.")}
+    istio.update({"http.outbound_0.0.0.0_8443.downstream_rq_total": 6, "http.stats.downstream_rq_total": 50,
+                  "http.agent.downstream_rq_total": 30, "http.admin.downstream_rq_total": 100})
+    assert Counters(istio).http_requests == 6
+
+
 def test_counter_difference_is_what_moved():
     moved = Counters({**STATS, "http.gateway.downstream_rq_total": 10, "proxy_proto.not_found_disallowed": 8}) \
         - Counters(STATS)

@@ -3,6 +3,7 @@ the calls, their order and form, the waits, cleanup on success and failure, arti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures.cluster import versions
+from fixtures.cluster import istio, versions
 from fixtures.cluster.callers import ClusterGateway
 from fixtures.cluster.commands import CommandError, Executor
 from fixtures.cluster.fakes import healthy_cluster, kind_tools
@@ -24,6 +25,7 @@ from fixtures.manifests import kubectl as real_kubectl
 from fixtures.manifests import overlay_dir
 from fixtures.platform import MissingCapability, Outcome
 from fixtures.proxy_protocol import V2_SIGNATURE
+from fixtures.standalone.envoy_config import ACCESS_LOG_FORMAT
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 ISTIO = versions.ISTIO
@@ -120,6 +122,19 @@ TLS_REFUSED = json.dumps({"status": 503, "headers": [["content-type", "text/plai
                                   "VExTVjFfQUxFUlRfVU5LTk9XTl9DQQ==", "elapsed": 0.01})
 GATEWAY_DEPLOYMENT = json.dumps({"spec": {"template": {"metadata": {"annotations": {
     "proxy.istio.io/config": '{"gatewayTopology":{"numTrustedProxies":0,"proxyProtocol":{}}}'}}}}})
+GATEWAY_POD = json.dumps({"items": [{"metadata": {"name": "gw-1", "labels": {"istio": "ingressgateway"}},
+                                     "spec": {"containers": [{"name": "istio-proxy"}]},
+                                     "status": {"phase": "Running",
+                                                "conditions": [{"type": "Ready", "status": "True"}]}}]})
+GATEWAY_STATS = ("listener.0.0.0.0_8443.downstream_cx_total: 5\n"
+                 "http.outbound_0.0.0.0_8443.downstream_rq_total: 4\n"
+                 "cluster.outbound|80||app-ui.tenanta.svc.cluster.local.upstream_rq_total: 3\n")
+GATEWAY_LISTENERS = json.dumps({"configs": [{"active_state": {"listener": {"access_log": [{"typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": "/dev/stdout",
+    "log_format": {"json_format": ACCESS_LOG_FORMAT}}}]}}}]})
+GATEWAY_LOG = ("2025-01-01T00:00:00.000000Z\tinfo\tEnvoy proxy is ready\n"
+               + json.dumps({**{k: None for k in ACCESS_LOG_FORMAT}, "path": "/api/whoami", "response_code": 200})
+               + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +144,11 @@ def run(tmp_path_factory, rendered):
     fakes, _, tmp = env
     plat = make(env, extra=[(("kubectl", "get", "canaries", "tenanta"), [NOT_YET, NOT_YET, INITIALIZED]),
                             (("kubectl", "get", "pods", "tenanta"), [{"stdout": APP_UI_POD}]),
+                            (("kubectl", "get", "pods", "istio=ingressgateway"), [{"stdout": GATEWAY_POD}]),
+                            (("kubectl", "exec", "gw-1", "stats"), [{"stdout": GATEWAY_STATS}]),
+                            (("kubectl", "exec", "gw-1", "config_dump?resource=dynamic_listeners"),
+                             [{"stdout": GATEWAY_LISTENERS}]),
+                            (("kubectl", "logs", "gw-1"), [{"stdout": GATEWAY_LOG}]),
                             (("kubectl", "exec"), [{"stdout": TLS_REFUSED + "\n"}]),
                             (("kubectl", "get", "deployment", "istio-ingressgateway"), [{"stdout": GATEWAY_DEPLOYMENT}])],
                 real_processes=True)
@@ -150,8 +170,11 @@ def run(tmp_path_factory, rendered):
     try:
         r.call = plat.workload("tenanta", "app-ui").call("rag-api.tenantb.svc.cluster.local:8080", "/whoami",
                                                         headers={"authorization": "Bearer tok-123456"})
-        with plat.fault("gateway-proxy-protocol-removed"):
-            pass
+        with plat.fault("gateway-proxy-protocol-removed") as fault:
+            r.fault = fault
+        # the gateway's Envoy through its pod (the backend hands the gateway its kubectl)
+        gw = dataclasses.replace(plat.gateway(), kubectl=plat.kubectl)
+        r.stats, r.access_log = gw.stats(), gw.access_log()
         with pytest.raises(MissingCapability, match="standalone-only"):
             plat.fault("gateway-proxy-protocol-twice")
         plat.dump(tmp / "dump")
@@ -254,6 +277,31 @@ def test_faults_are_real_changes_undone_on_exit(run):
     values = [p["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"] for p in patches]
     assert values == ['{"gatewayTopology":{"numTrustedProxies":0}}',
                       '{"gatewayTopology":{"numTrustedProxies":0,"proxyProtocol":{}}}']
+
+
+def test_the_fault_yields_the_standalone_shape(run):
+    assert run.fault.rejected == {} and run.fault.changed == ["istio-system/istio-ingressgateway"]
+
+
+def test_istio_logs_json_access_and_keeps_the_gateway_counters(run):
+    install = next(a for a in run.fakes.argvs(f"istioctl-{ISTIO}") if a[:1] == ["install"])
+    values = [install[i + 1] for i, a in enumerate(install) if a == "--set"]
+    assert all(v.count("=") == 1 for v in values), "istioctl splits a --set on '='"
+    settings = dict(v.split("=") for v in values)
+    assert settings["meshConfig.accessLogFile"] == "/dev/stdout"
+    assert settings["meshConfig.accessLogEncoding"] == "JSON"
+    assert json.loads(settings["meshConfig.accessLogFormat"]) == ACCESS_LOG_FORMAT
+    prefixes = [v for k, v in settings.items() if k.startswith("meshConfig.defaultConfig.proxyStatsMatcher.")]
+    assert prefixes == list(istio.STATS_PREFIXES)
+
+
+def test_the_gateways_envoy_is_read_through_its_pod(run):
+    assert run.stats["cluster.outbound|80||app-ui.tenanta.svc.cluster.local.upstream_rq_total"] == 3
+    assert [(e["path"], e["response_code"]) for e in run.access_log] == [("/api/whoami", 200)]
+    reads = [a[2:] for a in run.fakes.argvs("kubectl") if "gw-1" in a]
+    assert reads == [["exec", "-n", "istio-system", "gw-1", "-c", "istio-proxy", "--", "pilot-agent", "request",
+                      "GET", path] for path in ("stats", "config_dump?resource=dynamic_listeners")] + [
+        ["logs", "-n", "istio-system", "gw-1", "-c", "istio-proxy"]]
 
 
 def test_dump_has_logs_and_envoy_config_of_every_proxy(run):
