@@ -1,20 +1,26 @@
-"""Rollouts on a cluster against a fake kubectl: the patch that triggers Flagger, the
-Canary status read until this revision's verdict (and not once more), the timeline, the
-revert on exit and on failure, and a timeout that names the last status."""
+"""Rollouts on a cluster against a model of Flagger (fixtures.cluster.fake_flagger): the
+patch that triggers it, the Canary status read until this revision's verdict (and not once
+more), the timeline, a timeout that names the last status, and the revert on exit: after a
+rollback the Canary stays Failed on the original spec, after a promotion the primary rolls
+back over and the gateway serves the old version again, and the target always goes back
+before skipAnalysis is set."""
 
 from __future__ import annotations
 
+import copy
 import json
+import types
 
 import pytest
 
 from fixtures.cluster.backend import ClusterPlatform
+from fixtures.cluster.fake_flagger import FakeFlagger, spec_hash
 from fixtures.cluster.fakes import FakeTools
 from fixtures.cluster.kubectl import Kubectl
-from fixtures.cluster.rollout import ClusterRollout, canary_status
+from fixtures.cluster.rollout import ClusterRollout, canary_status, rolled_out
 from fixtures.eks.backend import EksPlatform
 from fixtures.flagger import Phase
-from fixtures.kind.backend import KindPlatform
+from fixtures.kind.backend import KindPlatform, _canaries_initialized
 from fixtures.platform import MissingCapability, Tenant
 
 NS, APP, IMAGE = "tenanta", "rag-api", "ghcr.io/example/platform/rag-api:1.0.0"
@@ -28,23 +34,12 @@ CANARY_DOC = {"apiVersion": "flagger.app/v1beta1", "kind": "Canary", "metadata":
 ENV = [{"name": "TENANT_ID", "valueFrom": {"configMapKeyRef": {"name": "tenant", "key": "name"}}},
        {"name": "FAULT_ERROR_RATE", "value": "0"}, {"name": "FAULT_LATENCY_MS", "value": "0"},
        {"name": "FAULT_CRASH_ON_START", "value": "false"}]
+ORIGINAL = {"FAULT_ERROR_RATE": "0", "FAULT_LATENCY_MS": "0", "FAULT_CRASH_ON_START": "false"}
 NEW_ENV = [ENV[0], {"name": "FAULT_ERROR_RATE", "value": "0.2"}, *ENV[2:], {"name": "APP_VERSION", "value": "1.1.0"}]
 PATH = "/spec/template/spec/containers/1"
-
-
-def deployment(name: str, env: list[dict]) -> dict:
-    return {"stdout": json.dumps({"metadata": {"name": name, "namespace": NS}, "spec": {"template": {"spec": {
-        "containers": [{"name": "istio-proxy", "image": "proxyv2"}, {"name": APP, "image": IMAGE, "env": env}]}}}})}
-
-
-def canary(phase: str, weight: int = 0, failed: int = 0, applied: str = "h1", when: str = "t1") -> dict:
-    return {"stdout": json.dumps({"metadata": {"name": APP, "namespace": NS}, "spec": CANARY_DOC["spec"],
-                                  "status": {"phase": phase, "canaryWeight": weight, "failedChecks": failed,
-                                             "lastAppliedSpec": applied, "lastTransitionTime": when,
-                                             "conditions": [{"type": "Promoted", "message": f"{phase} {weight}"}]}})}
-
-
-BEFORE = canary("Succeeded", applied="h0", when="t0")   # the Canary as the previous rollout left it
+TARGET = {"metadata": {"name": APP, "namespace": NS}, "spec": {"template": {"spec": {"containers": [
+    {"name": "istio-proxy", "image": "proxyv2"}, {"name": APP, "image": IMAGE, "env": ENV}]}}}}
+H0 = spec_hash(TARGET["spec"]["template"])  # the original spec, as Flagger records it
 
 
 class Prometheus:
@@ -56,23 +51,28 @@ class Prometheus:
         return [{"value": [0, "180" if "istio_request_duration" in promql else "99.5"]}]
 
 
-def make(tmp_path, canaries: list[dict], primary: list[dict] | None = None, extra=(), destructive=True):
+def canary(**analysis) -> dict:
+    doc = copy.deepcopy(CANARY_DOC)
+    doc["spec"]["analysis"].update(analysis)
+    return doc
+
+
+def make(tmp_path, *, live: dict = CANARY_DOC, flagger: type[FakeFlagger] = FakeFlagger, destructive=True, **model):
+    """A ClusterPlatform (the shared hook, without a cluster) whose kubectl and gateway
+    are a FakeFlagger's; ``live`` is the Canary on the "cluster", the render has CANARY_DOC."""
     fakes = FakeTools(tmp_path / "fakes")
     kubectl = fakes.install("kubectl")
-    for rule in extra:  # specific rules first: the first match answers
-        fakes.sequence("kubectl", *rule[0], answers=rule[1])
-    fakes.sequence("kubectl", "get", "canary", APP, answers=canaries)
-    fakes.sequence("kubectl", "get", "deployment", f"{APP}-primary",
-                   answers=primary or [deployment(f"{APP}-primary", ENV)])
-    fakes.on("kubectl", "get", "deployment", APP, **deployment(APP, ENV))
-    plat = ClusterPlatform.__new__(ClusterPlatform)  # the shared hook, without a cluster
-    plat.kubectl = Kubectl(fakes.runner(tmp_path / "commands.log"), str(kubectl), CONTEXT, poll_interval=0.01)
+    fake = flagger(live, TARGET, **model)
+    plat = ClusterPlatform.__new__(ClusterPlatform)
+    plat.kubectl = Kubectl(fake.executor(fakes, tmp_path / "commands.log"), str(kubectl), CONTEXT, poll_interval=0.01)
     plat.destructive = destructive
     plat.docs = [CANARY_DOC]
     plat._tenants = [Tenant(NS, "tenanta.example.com", "eu-west-1", "p", "id", "c", "iss", "jwks")]
     plat.prom = Prometheus()
     plat.metrics = lambda: plat.prom
-    return plat, fakes
+    plat.gateway = fake.gateway
+    plat.idp = lambda tenant: types.SimpleNamespace(token=lambda: "token")
+    return plat, fakes, fake
 
 
 def calls(fakes) -> list[list[str]]:
@@ -90,116 +90,204 @@ def rows(rollout) -> list[tuple]:
     return [(p.phase, p.weight, p.failed_checks) for p in rollout.timeline]
 
 
-PROMOTED = [BEFORE, BEFORE, canary("Progressing"), canary("Progressing", 10), canary("Progressing", 10),
-            canary("Progressing", 20), canary("Promoting", 20), canary("Finalising"), canary("Succeeded")]
-ROLLED_BACK = [BEFORE, canary("Progressing"), canary("Progressing", 10), canary("Progressing", 10, 1),
-               canary("Progressing", 10, 2), canary("Failed", 0, 2),
-               canary("Succeeded", applied="h2", when="t2")]  # after the revert, promoted without analysis
+def at_rest_on_the_original(fake: FakeFlagger, phase: str) -> None:
+    """Flagger records the original spec as applied and promoted; the primary runs it and
+    serves it alone; the target is at zero; skipAnalysis is as it was (absent)."""
+    __tracebackhide__ = True
+    status = fake.status
+    assert (status["phase"], status["lastAppliedSpec"], status["lastPromotedSpec"]) == (phase, H0, H0)
+    assert fake.env(fake.primary) == fake.env(fake.target) == ORIGINAL
+    assert fake.target["spec"]["replicas"] == 0 and rolled_out(fake.primary)
+    assert fake.serving() == {"1.0.0"}
+    assert "skipAnalysis" not in fake.canary["spec"]
 
 
 def test_the_trigger_is_one_json_patch_of_the_target_container(tmp_path):
-    plat, fakes = make(tmp_path, ROLLED_BACK)
+    plat, fakes, _ = make(tmp_path)
     with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
         rollout.run()
-        assert calls(fakes)[:3] == [
+        assert calls(fakes)[:5] == [
+            ["get", "canary", APP, "-n", NS, "-o", "json"],  # the live Canary's spec
             ["get", "deployment", APP, "-n", NS, "-o", "json"],
             ["get", "canary", APP, "-n", NS, "-o", "json"],
             ["patch", "-n", NS, "deployment", APP, "--type=json", "-p", json.dumps([
                 {"op": "test", "path": f"{PATH}/name", "value": APP},
                 {"op": "replace", "path": f"{PATH}/image", "value": IMAGE},
-                {"op": "add", "path": f"{PATH}/env", "value": NEW_ENV}])]]
-        assert calls(fakes)[3] == ["get", "canary", APP, "-n", NS, "-o", "json"]
+                {"op": "add", "path": f"{PATH}/env", "value": NEW_ENV}])],
+            ["get", "canary", APP, "-n", NS, "-o", "json"]]
+
+
+def test_the_spec_is_the_live_canarys_not_the_renders(tmp_path):
+    plat, _, _ = make(tmp_path, live=canary(interval="20s", threshold=3))
+    rollout = plat.rollout(NS, APP, "1.1.0")
+    assert (rollout.spec.interval_s, rollout.spec.threshold) == (20, 3)
+    assert plat.rollout(NS, APP, "1.1.0").spec.metrics == rollout.spec.metrics
 
 
 def test_a_promotion_is_read_to_succeeded_with_a_row_per_change(tmp_path):
-    new = [*ENV, {"name": "APP_VERSION", "value": "1.1.0"}]
-    plat, _ = make(tmp_path, PROMOTED, primary=[deployment(f"{APP}-primary", new), deployment(f"{APP}-primary", ENV)])
+    plat, _, fake = make(tmp_path, every=2)  # Flagger notices the revision one read late
     with plat.rollout(NS, APP, "1.1.0") as rollout:
         status = rollout.run()
     assert status.phase is Phase.SUCCEEDED and str(status).startswith("phase=Succeeded canaryWeight=0")
     # the leftover Succeeded before Flagger noticed the revision is neither a verdict nor a row
     assert rows(rollout) == [(Phase.PROGRESSING, 0, 0), (Phase.PROGRESSING, 10, 0), (Phase.PROGRESSING, 20, 0),
-                             (Phase.PROMOTING, 20, 0), (Phase.FINALISING, 0, 0), (Phase.SUCCEEDED, 0, 0)]
+                             (Phase.PROMOTING, 0, 0), (Phase.FINALISING, 0, 0), (Phase.SUCCEEDED, 0, 0)]
     first = rollout.timeline[0]
     assert (first.success_rate, first.p99_ms, dict(first.metrics)) == (None, None, {})  # no traffic yet
     second = rollout.timeline[1]
     assert (second.success_rate, second.p99_ms, dict(second.metrics)) == (99.5, 180.0, {"request-success-rate": 99.5})
     assert 'destination_workload_namespace="tenanta"' in plat.prom.queries[0]
     assert [p.t for p in rollout.timeline] == sorted(p.t for p in rollout.timeline)
-    assert rollout.timeline[-1].note == "Succeeded 0"
-    assert rollout.primary == {"image": IMAGE, "env": {"FAULT_ERROR_RATE": "0", "FAULT_LATENCY_MS": "0",
-                                                       "FAULT_CRASH_ON_START": "false", "APP_VERSION": "1.1.0"}}
+    assert rollout.timeline[-1].note == "Succeeded"
+    assert rollout.primary == {"image": IMAGE, "env": {**ORIGINAL, "APP_VERSION": "1.1.0"}}
     assert rollout.started_at <= rollout.finished_at
+    assert fake.promoted == ["1.1.0", "1.0.0"]  # the revision, then the original again on exit
 
 
 def test_a_rollback_is_read_to_failed_and_polling_stops_at_the_first_terminal_phase(tmp_path):
-    plat, fakes = make(tmp_path, ROLLED_BACK)
+    plat, fakes, _ = make(tmp_path)
     with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
         status = rollout.run()
         reads = [a for a in calls(fakes) if a[:2] == ["get", "canary"]]
-        assert len(reads) == len(ROLLED_BACK) - 1  # the read before the trigger, then one per answer to Failed
-    assert status.phase is Phase.FAILED and status.failed_checks == 2
+        assert len(reads) == 2 + 5  # the live spec and the start, then one per interval to Failed
+    assert status.phase is Phase.FAILED and status.failed_checks == 0  # a rollback resets them
     assert rows(rollout) == [(Phase.PROGRESSING, 0, 0), (Phase.PROGRESSING, 10, 0), (Phase.PROGRESSING, 10, 1),
-                             (Phase.PROGRESSING, 10, 2), (Phase.FAILED, 0, 2)]
+                             (Phase.PROGRESSING, 10, 2), (Phase.FAILED, 0, 0)]
     assert rollout.timeline[-1].success_rate == 99.5  # it had traffic
 
 
-def test_exit_puts_the_target_back_and_waits_for_the_primary(tmp_path):
-    new = deployment(f"{APP}-primary", NEW_ENV)
-    plat, fakes = make(tmp_path, PROMOTED, primary=[new, new, new, deployment(f"{APP}-primary", ENV)])
+def test_exit_after_a_rollback_puts_the_target_back_and_leaves_the_canary_failed(tmp_path):
+    plat, fakes, fake = make(tmp_path)
     with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
-        rollout.run()
-        during = len(calls(fakes))
-    after = calls(fakes)[during:]
-    assert patches(fakes)[1:] == [
-        ("canary", "--type=merge", {"spec": {"skipAnalysis": True}}),
+        rollout.revert_timeout = 3
+        assert rollout.run().phase is Phase.FAILED
+    # no new analysis, no skipAnalysis: Flagger ignores a target equal to the promoted spec
+    assert patches(fakes) == [
         ("deployment", "--type=json", [{"op": "test", "path": f"{PATH}/name", "value": APP},
                                        {"op": "replace", "path": f"{PATH}/image", "value": IMAGE},
-                                       {"op": "add", "path": f"{PATH}/env", "value": ENV}]),
-        ("canary", "--type=merge", {"spec": {"skipAnalysis": None}})]
-    # the primary ran the new spec on two reads of the wait, the original on the third
-    assert [a[:3] for a in after if a[:2] == ["get", "deployment"]] == [["get", "deployment", f"{APP}-primary"]] * 3
-    assert after[-1][0] == "patch"  # skipAnalysis restored last
+                                       {"op": "add", "path": f"{PATH}/env", "value": NEW_ENV}]),
+        ("deployment", "--type=json", [{"op": "test", "path": f"{PATH}/name", "value": APP},
+                                       {"op": "replace", "path": f"{PATH}/image", "value": IMAGE},
+                                       {"op": "add", "path": f"{PATH}/env", "value": ENV}])]
+    at_rest_on_the_original(fake, "Failed")
+    assert fake.promoted == []
 
 
-def test_an_exception_in_the_block_still_reverts(tmp_path):
-    plat, fakes = make(tmp_path, ROLLED_BACK)
-    with pytest.raises(RuntimeError, match="the test failed"):
-        with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
-            rollout.run()
-            raise RuntimeError("the test failed")
-    assert [(kind, p if kind == "canary" else p[-1]["value"]) for kind, _, p in patches(fakes)] == [
-        ("deployment", NEW_ENV), ("canary", {"spec": {"skipAnalysis": True}}), ("deployment", ENV),
+def test_the_model_stays_failed_on_the_promoted_spec_and_analyses_a_new_one(tmp_path):
+    """As Flagger does (pkg/canary/spec.go hasSpecChanged, 'do not trigger a canary
+    deployment on manual rollback'), even with skipAnalysis set."""
+    plat, _, fake = make(tmp_path)
+    with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
+        rollout.run()
+        back = rollout._original["env"]
+        plat.kubectl.patch("canary", APP, {"spec": {"skipAnalysis": True}}, namespace=NS, what="skip",
+                           patch_type="merge")
+        rollout._patch_target({"image": IMAGE, "env": back}, "back")
+        for _ in range(5):
+            plat.kubectl.get_json("canary", APP, namespace=NS)
+        assert (fake.status["phase"], fake.status["lastAppliedSpec"], fake.promoted) == ("Failed", H0, [])
+        rollout._patch_target({"image": IMAGE, "env": [*back, {"name": "APP_VERSION", "value": "1.2.0"}]}, "retry")
+        plat.kubectl.get_json("canary", APP, namespace=NS)
+        assert fake.status["phase"] == "Progressing"
+        plat.kubectl.get_json("canary", APP, namespace=NS)
+        assert (fake.status["phase"], fake.promoted) == ("Succeeded", ["1.2.0"])  # skipped analysis
+        plat.kubectl.patch("canary", APP, {"spec": {"skipAnalysis": None}}, namespace=NS, what="skip",
+                           patch_type="merge")
+
+
+def test_exit_after_a_promotion_waits_for_the_primarys_pods_and_the_gateway(tmp_path):
+    # Skipping the analysis, Flagger sets Succeeded as it copies the spec: the primary's
+    # old pods still answer for as long as its rollout takes.
+    plat, fakes, fake = make(tmp_path, rollout_calls=12)
+    with plat.rollout(NS, APP, "1.1.0") as rollout:
+        assert rollout.run().phase is Phase.SUCCEEDED
+        during = len(calls(fakes))
+    at_rest_on_the_original(fake, "Succeeded")
+    assert fake.promoted == ["1.1.0", "1.0.0"]
+    assert [(kind, p if kind == "canary" else p[-1]["value"]) for kind, _, p in patches(fakes)][1:] == [
+        ("deployment", ENV), ("canary", {"spec": {"skipAnalysis": True}}),
         ("canary", {"spec": {"skipAnalysis": None}})]
+    after = calls(fakes)[during:]
+    assert ["get", "deployment", f"{APP}-primary", "-n", NS, "-o", "json"] in after
+
+
+def test_an_interrupted_analysis_never_promotes_the_revision_on_exit(tmp_path):
+    # Flagger may run between any two commands; with skipAnalysis set while the target
+    # still held the revision, that interval would promote the revision.
+    plat, fakes, fake = make(tmp_path, live=canary(threshold=1000), tick_after_patch=True)
+    with pytest.raises(AssertionError, match="not finished after 0.2s") as err:
+        with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
+            rollout.run(timeout=0.2)
+    assert "1.1.0" not in fake.promoted and fake.promoted[-1] == "1.0.0"
+    assert not getattr(err.value, "__notes__", []), err.value.__notes__
+    assert [kind for kind, _, _ in patches(fakes)] == ["deployment", "deployment", "canary", "canary"]
+    at_rest_on_the_original(fake, "Succeeded")
 
 
 def test_a_timeout_names_the_last_status_and_still_reverts(tmp_path):
-    plat, fakes = make(tmp_path, [BEFORE, canary("Progressing"), canary("Progressing", 10, 1)])
+    plat, _, fake = make(tmp_path, deadline=10**6)  # a canary that never becomes ready, never rolled back
     with pytest.raises(AssertionError) as err:
-        with plat.rollout(NS, APP, "1.1.0", FAULT_LATENCY_MS="600") as rollout:
-            rollout.revert_timeout = 0.2
+        with plat.rollout(NS, APP, "1.1.0", FAULT_CRASH_ON_START="true") as rollout:
             rollout.run(timeout=0.3)
     text = str(err.value)
-    assert any("settled on the original spec" in n for n in err.value.__notes__)  # Flagger never settles here
-    assert "not finished after 0.3s" in text and "phase=Progressing canaryWeight=10 failedChecks=1" in text
-    assert [kind for kind, _, _ in patches(fakes)] == ["deployment", "canary", "deployment", "canary"]
+    assert "not finished after 0.3s" in text and "phase=Progressing canaryWeight=0 failedChecks=0" in text
+    assert not getattr(err.value, "__notes__", [])
+    at_rest_on_the_original(fake, "Succeeded")
 
 
 def test_a_failed_revert_is_reported_without_hiding_the_error_in_flight(tmp_path):
-    failing = ((("patch", "canary"), [{"stderr": "forbidden\n", "exit": 1}]),)
-    plat, fakes = make(tmp_path, [BEFORE, canary("Progressing", 10)], extra=failing)
+    plat, fakes, _ = make(tmp_path, deadline=10**6, refuse=(("patch", "canary"),))
     with pytest.raises(AssertionError, match="not finished") as err:
-        with plat.rollout(NS, APP, "1.1.0") as rollout:
+        with plat.rollout(NS, APP, "1.1.0", FAULT_CRASH_ON_START="true") as rollout:
             rollout.revert_timeout = 0.1
             rollout.run(timeout=0.1)
-    assert any("could not revert" in n and "forbidden" in n for n in err.value.__notes__)
+    assert any("could not revert" in n and "forbidden" in n.lower() for n in err.value.__notes__)
     # the target went back even though the Canary could not be patched
     assert [p[-1]["value"] for kind, _, p in patches(fakes) if kind == "deployment"] == [
-        [*ENV, {"name": "APP_VERSION", "value": "1.1.0"}], ENV]
+        [*ENV[:3], {"name": "FAULT_CRASH_ON_START", "value": "true"}, {"name": "APP_VERSION", "value": "1.1.0"}], ENV]
+
+
+def test_a_failed_canary_rewriting_its_status_is_no_verdict_of_this_revision(tmp_path):
+    # Flagger rewrites a Failed Canary's lastAppliedSpec and lastTransitionTime every
+    # interval; only a changed Promoted condition is a new verdict.
+    plat, _, fake = make(tmp_path, phase="Failed")
+    rollout = plat.rollout(NS, APP, "1.1.0")
+    rollout._prepare()
+    rewritten = copy.deepcopy(fake.canary)
+    rewritten["status"].update(lastAppliedSpec="another", lastTransitionTime="later")
+    with pytest.raises(AssertionError, match="has not picked up 1.1.0"):
+        rollout._observe(rewritten)
+
+
+def test_a_rollout_from_a_settled_failed_canary_is_promoted_and_reverted(tmp_path):
+    plat, _, fake = make(tmp_path, phase="Failed", every=2)
+    with plat.rollout(NS, APP, "1.1.0") as rollout:
+        assert rollout.run().phase is Phase.SUCCEEDED
+    assert rows(rollout)[0] == (Phase.PROGRESSING, 0, 0)
+    at_rest_on_the_original(fake, "Succeeded")
+
+
+@pytest.mark.parametrize("phase", ["Progressing", "Initializing"])
+def test_a_busy_canary_is_refused_before_anything_changes(tmp_path, phase):
+    plat, fakes, fake = make(tmp_path, phase=phase, every=10**6)
+    with pytest.raises(RuntimeError, match=f"is {phase}: Flagger is busy"):
+        with plat.rollout(NS, APP, "1.1.0") as rollout:
+            rollout.run()
+    assert not patches(fakes)
+
+
+def test_a_failed_canary_whose_target_was_not_put_back_is_refused(tmp_path):
+    plat, fakes, fake = make(tmp_path, phase="Failed")
+    fake.target["spec"]["template"]["spec"]["containers"][1]["image"] = "rag-api:0.9.0"
+    fake.status["lastAppliedSpec"] = spec_hash(fake.target["spec"]["template"])  # Flagger synced it
+    with pytest.raises(RuntimeError, match="with a target the primary does not run"):
+        with plat.rollout(NS, APP, "1.1.0") as rollout:
+            rollout.run()
+    assert not patches(fakes)
 
 
 def test_an_unknown_variable_is_refused_before_anything_changes(tmp_path):
-    plat, fakes = make(tmp_path, ROLLED_BACK)
+    plat, fakes, _ = make(tmp_path)
     with pytest.raises(ValueError, match="FAULT_TYPO is not an environment variable"):
         with plat.rollout(NS, APP, "1.1.0", FAULT_TYPO="1") as rollout:
             rollout.run()
@@ -207,13 +295,13 @@ def test_an_unknown_variable_is_refused_before_anything_changes(tmp_path):
 
 
 def test_without_prometheus_the_observed_values_are_none(tmp_path):
-    plat, _ = make(tmp_path, ROLLED_BACK)
+    plat, _, _ = make(tmp_path)
 
     def unreachable():
         raise OSError("connection refused")
 
     plat.metrics = unreachable
-    with plat.rollout(NS, APP, "1.1.0") as rollout:
+    with plat.rollout(NS, APP, "1.1.0", FAULT_ERROR_RATE="0.2") as rollout:
         rollout.run()
     assert all(p.success_rate is None and p.p99_ms is None for p in rollout.timeline)
     assert rollout.timeline[-1].metrics == {"request-success-rate": None}
@@ -226,9 +314,19 @@ def test_flagger_phases_outside_the_shared_ones():
         canary_status({"status": {"phase": "Bogus"}})
 
 
+def test_a_rollout_is_complete_when_no_old_replica_is_left():
+    done = {"metadata": {"name": "p", "generation": 3}, "spec": {"replicas": 2},
+            "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}}
+    assert rolled_out(done)
+    for change, why in [({"observedGeneration": 2}, "not observed"), ({"replicas": 3}, "rolling out"),
+                        ({"availableReplicas": 1}, "rolling out"), ({"updatedReplicas": 1}, "rolling out")]:
+        with pytest.raises(AssertionError, match=why):
+            rolled_out({**done, "status": {**done["status"], **change}})
+
+
 def test_the_cluster_backends_offer_rollout_only_where_they_may_change_the_platform(tmp_path):
     assert "rollout" in KindPlatform.capabilities and "rollout" in EksPlatform.capabilities
-    plat, _ = make(tmp_path, ROLLED_BACK)
+    plat, _, _ = make(tmp_path)
     plat.name = "eks"
     plat.requires("rollout")
     assert isinstance(plat.rollout(NS, APP, "1.1.0"), ClusterRollout)
@@ -238,8 +336,34 @@ def test_the_cluster_backends_offer_rollout_only_where_they_may_change_the_platf
             attempt()
 
 
+class ClaimsPromotion(FakeFlagger):
+    """A Flagger that reports a promotion it did not make."""
+
+    def _promote(self, phase: str) -> None:
+        self._set_phase(phase)
+
+
 def test_succeeded_with_the_old_spec_on_the_primary_is_an_error(tmp_path):
-    plat, _ = make(tmp_path, [*PROMOTED, canary("Succeeded", applied="h2", when="t2")])
+    plat, _, _ = make(tmp_path, flagger=ClaimsPromotion)
     with plat.rollout(NS, APP, "1.1.0") as rollout:
         with pytest.raises(AssertionError, match="Succeeded, but rag-api-primary runs"):
             rollout.run()
+
+
+# -- the kind backend waits for Canaries at rest (fixtures/kind/backend.py) -----------------
+
+def canaries(*statuses: dict) -> dict:
+    return {"items": [{"metadata": {"name": f"c{i}"}, "status": s} for i, s in enumerate(statuses)]}
+
+
+def test_a_failed_canary_back_on_its_promoted_spec_is_at_rest():
+    settled_failed = {"phase": "Failed", "lastAppliedSpec": "h0", "lastPromotedSpec": "h0"}
+    assert _canaries_initialized(canaries({"phase": "Initialized"}, {"phase": "Succeeded"}, settled_failed))
+    for status, why in [({"phase": "Failed", "lastAppliedSpec": "h1", "lastPromotedSpec": "h0"},
+                         "c0 (Failed with a target its primary does not run)"),
+                        ({"phase": "Failed"}, "c0 (Failed with a target"),
+                        ({"phase": "Progressing"}, "c0 (Progressing)")]:
+        with pytest.raises(AssertionError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            _canaries_initialized(canaries(status))
+    with pytest.raises(AssertionError, match="no Canary yet"):
+        _canaries_initialized({"items": []})

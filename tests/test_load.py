@@ -61,7 +61,7 @@ def test_foreign_identities_are_answers_carrying_another_tenant():
     (dict(gateway=("10.0.0.1", 443)), "loopback only"),
     (dict(users_per_tenant=0), "users_per_tenant"),
     (dict(users_per_tenant=1000), "users_per_tenant"),
-    (dict(run_time_s=3600), "run_time_s"),
+    (dict(run_time_s=7200), "run_time_s"),
     (dict(max_requests_per_user=10**9), "max_requests_per_user"),
     (dict(targets=[]), "at least one target"),
 ], ids=["remote gateway", "no users", "too many users", "too long", "unbounded requests", "no target"])
@@ -70,6 +70,28 @@ def test_spec_refuses_unbounded_or_remote_runs(change, message):
                   targets=[Target("a", "a.example.com", {})])
     with pytest.raises(ValueError, match=message):
         LoadSpec(**{**kwargs, **change})
+
+
+def test_spec_allows_load_until_the_verdict_of_a_production_timed_rollout():
+    # a Canary with the base's timing (1m interval, 600 s deadline) may take ~30 min
+    spec = LoadSpec(("127.0.0.1", 1), CA, False, [Target("a", "a.example.com", {})], run_time_s=1800,
+                    max_requests_per_user=math.ceil(1800 / 0.05))
+    assert spec.run_time_s == 1800
+
+
+def test_a_run_whose_harness_is_gone_ends_by_itself(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    class Orphaned(LoadRun):  # as if the process that started it had died
+        def _config(self) -> dict:
+            return {**super()._config(), "parent_pid": gone.pid}
+
+    spec = LoadSpec(("127.0.0.1", 9), CA, False, [Target("a", "a.example.com", {})], users_per_tenant=1,
+                    wait_s=0.5, run_time_s=120)
+    with Orphaned(spec, tmp_path, "orphaned") as run:
+        run.finish(timeout=45)  # exit status 0, long before its run time
+    assert "Traceback" not in run.log()
 
 
 def test_locustfile_refuses_a_remote_gateway_by_itself(tmp_path):

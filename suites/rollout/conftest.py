@@ -12,27 +12,34 @@ from typing import Iterator, Sequence
 
 import pytest
 
+from fixtures.diagnose import client_sends_proxy_header
 from fixtures.flagger import Rollout
-from fixtures.load import MAX_RUN_TIME_S, LoadRun, LoadSpec, Target
+from fixtures.load import MAX_REQUESTS_PER_USER, LoadRun, LoadSpec, Target
 from fixtures.platform import Tenant, user_headers
 from fixtures.report import record
 from suites.rollout import timeline
 
 REPO = Path(__file__).resolve().parents[2]
+WAIT_S = 0.05  # between one user's requests
 
 
 @pytest.fixture
 def user_load(platform, tmp_path: Path):
-    """``user_load(tenants, seconds)``: a context manager running locust (a subprocess)
+    """``user_load(tenants, at_most_s)``: a context manager running locust (a subprocess)
     through the gateway with real tokens of each tenant's user, two users per tenant;
     yields the :class:`~fixtures.load.LoadRun`, stopped on exit. Traffic is flowing for
-    every tenant when the block starts."""
+    every tenant when the block starts and keeps flowing until the block stops it (at a
+    rollout's verdict), for at most ``at_most_s`` seconds: pass the rollout's own bound, so
+    no analysis runs after the users have gone."""
     @contextlib.contextmanager
-    def start(tenants: Sequence[Tenant], seconds: float) -> Iterator[LoadRun]:
+    def start(tenants: Sequence[Tenant], at_most_s: float) -> Iterator[LoadRun]:
         gw = platform.gateway()
-        spec = LoadSpec(gateway=gw.address, ca_bundle=gw.ca_bundle, proxy_protocol=gw.expects_proxy_protocol,
+        seconds = math.ceil(at_most_s)
+        spec = LoadSpec(gateway=gw.address, ca_bundle=gw.ca_bundle, proxy_protocol=client_sends_proxy_header(gw),
                         targets=[Target(t.name, t.host, user_headers(t, platform.idp(t).token())) for t in tenants],
-                        users_per_tenant=2, run_time_s=min(MAX_RUN_TIME_S, math.ceil(seconds)))
+                        users_per_tenant=2, wait_s=WAIT_S, run_time_s=seconds,
+                        # enough requests that the time, not the budget, ends a run
+                        max_requests_per_user=min(MAX_REQUESTS_PER_USER, math.ceil(seconds / WAIT_S) + 1))
         with LoadRun(spec, tmp_path / "load", name="users") as run:
             for t in tenants:
                 run.wait_for(t.name, 10)

@@ -19,7 +19,7 @@ import pytest
 from fixtures.flagger import (BlastRadius, BlastRadiusBound, CanarySpec, Phase, Rollout, canary_for, first_traffic,
                               time_to_rollback)
 from fixtures.load import Record
-from fixtures.platform import Outcome, Tenant, user_headers
+from fixtures.platform import MissingCapability, Outcome, Tenant, user_headers
 
 pytestmark = [pytest.mark.standalone_required, pytest.mark.slow]
 
@@ -78,6 +78,24 @@ def primary_version(platform, tenant: Tenant) -> str:
     return seen.pop()
 
 
+def verdict_within(spec: CanarySpec) -> float:
+    """How long a rollout of ``spec`` may take to its verdict: the longest rollout the
+    Canary allows, half again, one interval for the controller to notice the revision and
+    30 s. The run is bounded by it and the users' load may last as long, so users call
+    until the verdict on every backend."""
+    return spec.max_duration_s() * 1.5 + spec.interval_s + 30
+
+
+def fault_or_skip(platform, name: str | None) -> contextlib.AbstractContextManager:
+    """The fault ``name`` (not yet entered), or a skip naming it when the backend has none."""
+    if name is None:
+        return contextlib.nullcontext()
+    try:
+        return platform.fault(name)
+    except MissingCapability as exc:
+        pytest.skip(str(exc))
+
+
 def canary_requests(platform, spec: CanarySpec) -> float:
     """Requests the canary workload has answered, by Istio's standard metric."""
     result = platform.metrics().query(
@@ -98,6 +116,7 @@ def describe(rollout: Rollout) -> str:
 @pytest.mark.parametrize("case", SCENARIOS, ids=str)
 def test_canary_rollout(platform, requires, user_load, report, case: Scenario) -> None:
     requires("rollout")
+    fault = fault_or_skip(platform, case.fault)  # before any load starts
     tenant = platform.tenants[0]
     before = primary_version(platform, tenant)
     version = f"{before}-{case.tag}"
@@ -105,11 +124,12 @@ def test_canary_rollout(platform, requires, user_load, report, case: Scenario) -
     with contextlib.ExitStack() as stack:
         rollout = stack.enter_context(platform.rollout(tenant, APP, version, **env))
         bound = BlastRadiusBound.of(rollout.spec)
-        load = stack.enter_context(user_load([tenant], rollout.spec.max_duration_s())) if case.load else None
+        until = verdict_within(rollout.spec)
+        load = stack.enter_context(user_load([tenant], until)) if case.load else None
         served_before = canary_requests(platform, rollout.spec)
-        with platform.fault(case.fault) if case.fault else contextlib.nullcontext():
+        with fault:
             try:
-                status = rollout.run()
+                status = rollout.run(timeout=until)
             finally:
                 records = load.records() if load else []
                 report(rollout, records)
@@ -155,9 +175,10 @@ def test_rollback_in_one_tenant_leaves_the_others_untouched(platform, requires, 
         bound = BlastRadiusBound.of(rollout.spec)
         idle = {t.name: canary_for(platform.manifests(), t.namespace, APP) for t in others}
         served_before = {t.name: canary_requests(platform, idle[t.name]) for t in others}
-        with user_load(platform.tenants, rollout.spec.max_duration_s()) as load:
+        until = verdict_within(rollout.spec)
+        with user_load(platform.tenants, until) as load:
             try:
-                status = rollout.run()
+                status = rollout.run(timeout=until)
             finally:
                 records = load.records()
                 report(rollout, records)
